@@ -1,0 +1,377 @@
+"""Choice data: validation of long-format tables and their conversion to padded tensors.
+
+A long-format table has one row per alternative per choice situation. ``ChoiceData.from_long`` checks it
+once (every error names the column and the row or situation at fault) and :meth:`ChoiceData.design` turns
+the columns a model uses into the tensors the kernel consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+class ChoiceDataError(ValueError):
+    """Raised for malformed choice data; the message names the column and row or situation."""
+
+
+def _first_label(index: pd.Index, mask: np.ndarray) -> object:
+    return index[np.flatnonzero(mask)[0]]
+
+
+def _require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
+    for role, col in columns.items():
+        if col is not None and col not in df.columns:
+            raise ChoiceDataError(
+                f"column {col!r} (given as {role}=) is not in the table; columns are: {', '.join(map(str, df.columns))}"
+            )
+
+
+def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
+    """A column as finite float64, or an error naming the column and the first bad row."""
+    s = df[col]
+    if s.dtype == bool:
+        return s.to_numpy(dtype=np.float64)
+    if not (pd.api.types.is_numeric_dtype(s)):
+        bad = pd.to_numeric(s, errors="coerce").isna().to_numpy() & s.notna().to_numpy()
+        row = _first_label(df.index, bad) if bad.any() else df.index[0]
+        raise ChoiceDataError(
+            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {s.loc[row]!r}. "
+            "Encode categories as numeric dummies."
+        )
+    v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isfinite(v)
+    if bad.any():
+        row = _first_label(df.index, bad)
+        raise ChoiceDataError(
+            f"{role} column {col!r} has a non-finite value ({v[bad][0]}) in row {row!r} "
+            f"({int(bad.sum())} such rows); fill or drop them first"
+        )
+    return v
+
+
+def _binary_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
+    s = df[col]
+    if s.dtype == object or pd.api.types.is_string_dtype(s):
+        mapped = s.astype(str).str.upper().map({"TRUE": 1.0, "FALSE": 0.0, "1": 1.0, "0": 0.0})
+        if mapped.isna().any():
+            row = _first_label(df.index, mapped.isna().to_numpy())
+            raise ChoiceDataError(
+                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {s.loc[row]!r}"
+            )
+        v = mapped.to_numpy(dtype=np.float64)
+    else:
+        v = _numeric_column(df, col, role)
+    bad = (v != 0) & (v != 1)
+    if bad.any():
+        row = _first_label(df.index, bad)
+        raise ChoiceDataError(f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {v[bad][0]}")
+    return v.astype(bool)
+
+
+@dataclass
+class Design:
+    """Tensors for one model on one data set (float64 unless stated).
+
+    ``N`` units (persons, or situations without a panel), ``T`` max situations per unit, ``J`` alternatives,
+    ``A = J - 1`` non-chosen alternatives, ``Kr``/``Kf`` random/fixed columns.
+
+    x_rand, x_fixed : (N, T, J, Kr), (N, T, J, Kf) attribute levels (zeros for padding).
+    avail : (N, T, J) bool availability (False for padding).
+    chosen : (N, T) long index of the chosen alternative.
+    x_rand_diff, x_fixed_diff : (N, T, A, K) non-chosen minus chosen.
+    avail_diff : (N, T, A) bool.
+    situation_mask : (N, T) bool, False for padding in unbalanced panels.
+    weights : (N,) unit weights.
+    row_unit, row_t, row_j : (rows,) long positions of each table row (in the table's original order).
+    """
+
+    x_rand: torch.Tensor
+    x_fixed: torch.Tensor
+    avail: torch.Tensor
+    chosen: torch.Tensor
+    x_rand_diff: torch.Tensor
+    x_fixed_diff: torch.Tensor
+    avail_diff: torch.Tensor
+    situation_mask: torch.Tensor
+    weights: torch.Tensor
+    row_unit: torch.Tensor
+    row_t: torch.Tensor
+    row_j: torch.Tensor
+
+    @property
+    def n_units(self) -> int:
+        return int(self.x_rand.shape[0])
+
+    def subset(self, index: slice | torch.Tensor) -> "Design":
+        """The tensors of a subset of units (row mappings are dropped)."""
+        return Design(
+            x_rand=self.x_rand[index], x_fixed=self.x_fixed[index], avail=self.avail[index],
+            chosen=self.chosen[index], x_rand_diff=self.x_rand_diff[index],
+            x_fixed_diff=self.x_fixed_diff[index], avail_diff=self.avail_diff[index],
+            situation_mask=self.situation_mask[index], weights=self.weights[index],
+            row_unit=self.row_unit[:0], row_t=self.row_t[:0], row_j=self.row_j[:0],
+        )
+
+
+class ChoiceData:
+    """A validated long-format choice table.
+
+    Build it with :meth:`from_long` (or :func:`wide_to_long` first). Attributes: ``df`` (the table, original
+    index and order), ``choice``, ``alt``, ``situation``, ``panel``, ``avail``, ``weights`` (column names),
+    ``alternatives`` (sorted), ``n_situations``, ``n_units``, ``n_rows``.
+    """
+
+    def __init__(self, df, choice, alt, situation, panel, avail, weights, _arrays):
+        self.df = df
+        self.choice, self.alt, self.situation, self.panel = choice, alt, situation, panel
+        self.avail, self.weights = avail, weights
+        (self._chosen, self._avail, self._alt_code, self._unit_code, self._t_code,
+         self._unit_weights, self.alternatives, self.unit_labels) = _arrays
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_long(
+        cls,
+        df: pd.DataFrame,
+        choice: str,
+        alt: str,
+        situation: str,
+        panel: str | None = None,
+        avail: str | None = None,
+        weights: str | None = None,
+    ) -> "ChoiceData":
+        """Validate a long table: one row per alternative per choice situation.
+
+        Parameters
+        ----------
+        df : the table. ``choice`` holds 1/True on the chosen alternative's row and 0/False elsewhere.
+        alt : alternative label column (any hashable labels; alternatives may differ across situations).
+        situation : choice-situation id column.
+        panel : person id column for panel data (one coefficient draw per person), or None.
+        avail : 0/1 availability column, or None (every listed alternative is available).
+        weights : positive weight column, constant within a panel unit (within a situation without panel).
+        """
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+        if len(df) == 0:
+            raise ChoiceDataError("the table has no rows")
+        _require_columns(df, {"choice": choice, "alt": alt, "situation": situation, "panel": panel,
+                              "avail": avail, "weights": weights})
+        for role, col in {"alt": alt, "situation": situation, "panel": panel}.items():
+            if col is not None and df[col].isna().any():
+                row = _first_label(df.index, df[col].isna().to_numpy())
+                raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r}")
+        chosen = _binary_column(df, choice, "choice")
+        av = _binary_column(df, avail, "avail") if avail is not None else np.ones(len(df), bool)
+
+        sit_codes, sit_labels = pd.factorize(df[situation], sort=False)
+        dup = pd.DataFrame({"s": sit_codes, "a": df[alt].to_numpy()}).duplicated().to_numpy()
+        if dup.any():
+            row = _first_label(df.index, dup)
+            raise ChoiceDataError(
+                f"alternative {df[alt].loc[row]!r} appears twice in situation {df[situation].loc[row]!r} "
+                f"(row {row!r}); column {alt!r} must be unique within column {situation!r}"
+            )
+        n_chosen = np.bincount(sit_codes, weights=chosen.astype(float), minlength=len(sit_labels))
+        bad = n_chosen != 1
+        if bad.any():
+            s = np.flatnonzero(bad)[0]
+            raise ChoiceDataError(
+                f"situation {sit_labels[s]!r} (column {situation!r}) has {int(n_chosen[s])} chosen alternatives "
+                f"in column {choice!r}; exactly one is required ({int(bad.sum())} situations affected)"
+            )
+        unavailable_choice = chosen & ~av
+        if unavailable_choice.any():
+            row = _first_label(df.index, unavailable_choice)
+            raise ChoiceDataError(
+                f"row {row!r} is chosen (column {choice!r}) but unavailable (column {avail!r})"
+            )
+        if panel is not None:
+            per_sit = pd.DataFrame({"s": sit_codes, "p": df[panel].to_numpy()}).groupby("s")["p"].nunique()
+            if (per_sit > 1).any():
+                s = int(per_sit.index[(per_sit > 1).to_numpy()][0])
+                rows = np.flatnonzero(sit_codes == s)
+                raise ChoiceDataError(
+                    f"panel id (column {panel!r}) changes within situation {sit_labels[s]!r} "
+                    f"(rows {df.index[rows[0]]!r}..{df.index[rows[-1]]!r}); a situation belongs to one person"
+                )
+            unit_codes, unit_labels = pd.factorize(df[panel], sort=False)
+        else:
+            unit_codes, unit_labels = sit_codes, sit_labels
+        if weights is not None:
+            w = _numeric_column(df, weights, "weights")
+            if (w <= 0).any():
+                row = _first_label(df.index, w <= 0)
+                raise ChoiceDataError(f"weights column {weights!r} must be positive; row {row!r} holds {w[w <= 0][0]}")
+            spread = pd.Series(w).groupby(unit_codes).agg(lambda x: x.max() - x.min())
+            if (spread > 0).any():
+                u = int(spread.index[(spread > 0).to_numpy()][0])
+                unit_name = "panel unit" if panel is not None else "situation"
+                raise ChoiceDataError(
+                    f"weights column {weights!r} varies within {unit_name} {unit_labels[u]!r}; "
+                    f"weights must be constant within each {unit_name}"
+                )
+            unit_w = pd.Series(w).groupby(unit_codes).first().sort_index().to_numpy()
+        else:
+            unit_w = np.ones(len(unit_labels))
+
+        # Position of each situation within its unit, in order of first appearance.
+        sit_unit = np.zeros(len(sit_labels), dtype=np.int64)
+        sit_unit[sit_codes] = unit_codes
+        sit_t = pd.Series(np.arange(len(sit_labels))).groupby(sit_unit).cumcount().to_numpy()
+        t_codes = sit_t[sit_codes]
+        alt_codes, alternatives = pd.factorize(df[alt], sort=True)
+        arrays = (chosen, av, alt_codes, unit_codes, t_codes, unit_w, list(alternatives), list(unit_labels))
+        return cls(df, choice, alt, situation, panel, avail, weights, arrays)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def n_rows(self) -> int:
+        return len(self.df)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.unit_labels)
+
+    @property
+    def n_situations(self) -> int:
+        return int(self.df[self.situation].nunique())
+
+    @property
+    def is_panel(self) -> bool:
+        return self.panel is not None
+
+    def numeric_columns(self) -> list[str]:
+        """Columns that can serve as attributes (numeric, not an id/choice/avail/weights column)."""
+        roles = {self.choice, self.alt, self.situation, self.panel, self.avail, self.weights}
+        return [c for c in self.df.columns if c not in roles and pd.api.types.is_numeric_dtype(self.df[c])]
+
+    def __repr__(self) -> str:
+        return (f"ChoiceData({self.n_rows} rows, {self.n_situations} situations, {self.n_units} "
+                f"{'persons' if self.is_panel else 'units'}, {len(self.alternatives)} alternatives)")
+
+    # ------------------------------------------------------------------ tensors
+    def attribute_matrix(self, columns: list[str]) -> np.ndarray:
+        """(rows, K) float64 matrix of attribute columns; ``asc.<alt>`` names give alternative dummies."""
+        out = np.zeros((self.n_rows, len(columns)))
+        for k, col in enumerate(columns):
+            if col.startswith("asc.") and col not in self.df.columns:
+                label = col[4:]
+                match = [a for a in self.alternatives if str(a) == label]
+                if not match:
+                    raise ChoiceDataError(
+                        f"{col!r}: alternative {label!r} is not in column {self.alt!r}; "
+                        f"alternatives are: {', '.join(map(str, self.alternatives))}"
+                    )
+                out[:, k] = (self.df[self.alt].to_numpy() == match[0]).astype(float)
+            else:
+                if col not in self.df.columns:
+                    raise ChoiceDataError(
+                        f"attribute column {col!r} is not in the table; numeric columns are: "
+                        f"{', '.join(map(str, self.numeric_columns()))}"
+                    )
+                out[:, k] = _numeric_column(self.df, col, "attribute")
+        return out
+
+    def design(self, random_columns: list[str], fixed_columns: list[str], dtype=torch.float64) -> Design:
+        """Padded tensors for a model with these random and fixed columns (see :class:`Design`)."""
+        n, j = self.n_units, len(self.alternatives)
+        t = int(self._t_code.max()) + 1
+        u, tt, jj = self._unit_code, self._t_code, self._alt_code
+
+        def levels(cols):
+            x = np.zeros((n, t, j, len(cols)))
+            x[u, tt, jj] = self.attribute_matrix(cols)
+            return torch.as_tensor(x, dtype=dtype)
+
+        x_r, x_f = levels(random_columns), levels(fixed_columns)
+        avail = np.zeros((n, t, j), bool)
+        avail[u, tt, jj] = self._avail
+        chosen = np.zeros((n, t), np.int64)
+        chosen[u[self._chosen], tt[self._chosen]] = jj[self._chosen]
+        sit_mask = np.zeros((n, t), bool)
+        sit_mask[u, tt] = True
+        chosen_t = torch.as_tensor(chosen)
+        # Indices of the non-chosen alternatives: a stable sort puts the chosen slot last.
+        is_chosen = torch.arange(j).view(1, 1, j) == chosen_t.unsqueeze(-1)
+        others = torch.argsort(is_chosen.to(torch.int8), dim=-1, stable=True)[..., : j - 1]
+        avail_t = torch.as_tensor(avail)
+
+        def diff(x):
+            xc = torch.gather(x, 2, chosen_t.view(n, t, 1, 1).expand(n, t, 1, x.shape[-1]))
+            xo = torch.gather(x, 2, others.unsqueeze(-1).expand(n, t, j - 1, x.shape[-1]))
+            return xo - xc
+
+        return Design(
+            x_rand=x_r, x_fixed=x_f, avail=avail_t, chosen=chosen_t,
+            x_rand_diff=diff(x_r), x_fixed_diff=diff(x_f),
+            avail_diff=torch.gather(avail_t, 2, others),
+            situation_mask=torch.as_tensor(sit_mask),
+            weights=torch.as_tensor(self._unit_weights, dtype=dtype),
+            row_unit=torch.as_tensor(u), row_t=torch.as_tensor(tt), row_j=torch.as_tensor(jj),
+        )
+
+
+def wide_to_long(
+    df: pd.DataFrame,
+    alternatives: list,
+    varying: dict[str, dict[object, str]] | dict[str, str],
+    choice: str,
+    situation: str | None = None,
+    avail: dict[object, str] | None = None,
+    keep: list[str] | None = None,
+) -> pd.DataFrame:
+    """Turn a wide table (one row per situation) into the long format ``from_long`` reads.
+
+    Parameters
+    ----------
+    alternatives : the alternative labels.
+    varying : attribute name -> either ``{alt: column}`` or a pattern with ``{alt}``, e.g. ``"time_{alt}"``.
+    choice : column holding the chosen alternative's label.
+    situation : id column, or None to number situations from 0.
+    avail : ``{alt: column}`` of 0/1 availability, or None.
+    keep : further columns copied to every row of the situation (e.g. a panel id, weights).
+
+    Returns a DataFrame with columns ``situation``, ``alt``, ``choice``, the attributes, ``avail`` (if given)
+    and ``keep``; rows ordered by situation then alternative.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
+    keep = list(keep or [])
+    sit = df[situation].to_numpy() if situation is not None else np.arange(len(df))
+    _require_columns(df, {"choice": choice, **{f"keep[{i}]": k for i, k in enumerate(keep)}})
+    labels = set(map(str, alternatives))
+    bad = ~df[choice].astype(str).isin(labels).to_numpy()
+    if bad.any():
+        row = _first_label(df.index, bad)
+        raise ChoiceDataError(
+            f"choice column {choice!r} holds {df[choice].loc[row]!r} in row {row!r}, which is not one of the "
+            f"alternatives {alternatives!r}"
+        )
+    parts = []
+    for a in alternatives:
+        part = {"situation" if situation is None else situation: sit, "alt": a,
+                "choice": (df[choice].astype(str) == str(a)).to_numpy().astype(int)}
+        for name, spec in varying.items():
+            col = spec.format(alt=a) if isinstance(spec, str) else spec.get(a)
+            if col is None:
+                part[name] = 0.0  # attribute absent for this alternative
+                continue
+            if col not in df.columns:
+                raise ChoiceDataError(f"column {col!r} (attribute {name!r}, alternative {a!r}) is not in the table")
+            part[name] = df[col].to_numpy()
+        if avail is not None:
+            if a not in avail or avail[a] not in df.columns:
+                raise ChoiceDataError(f"avail has no existing column for alternative {a!r}")
+            part["avail"] = df[avail[a]].to_numpy()
+        for k in keep:
+            part[k] = df[k].to_numpy()
+        parts.append(pd.DataFrame(part))
+    out = pd.concat(parts, ignore_index=True)
+    # parts are alternative-major; reorder to situation-major (row a*len(df)+i -> i*n_alt+a).
+    order = np.arange(len(out)).reshape(len(alternatives), len(df)).T.ravel()
+    return out.iloc[order].reset_index(drop=True)

@@ -1,0 +1,119 @@
+"""Model specification: which columns have fixed or random coefficients, and the parameter vector layout.
+
+The parameter vector ``theta`` is laid out as ``[asc.*, fixed, random locations, sd.*, chol.*]`` and
+:meth:`Spec.coefficients` maps it and standard normal draws to coefficient draws. Keeping this map in one
+place lets MSL, the Bayesian estimators, prediction and individual-level estimates share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .distributions import get_distribution
+
+
+@dataclass
+class Spec:
+    """A validated model specification.
+
+    Attributes
+    ----------
+    random : dict column -> distribution name, in model order.
+    fixed : fixed-coefficient columns (the ``asc.<alt>`` dummies first).
+    correlated : random columns whose normal draws are correlated through a Cholesky factor.
+    """
+
+    random: dict[str, str]
+    fixed: list[str]
+    correlated: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.dists = [get_distribution(d, where=f"distribution for {c!r}") for c, d in self.random.items()]
+        self.random_names = list(self.random)
+        idx = {c: i for i, c in enumerate(self.random_names)}
+        self.corr_index = [idx[c] for c in self.correlated]
+        self.indep_index = [i for i, c in enumerate(self.random_names) if c not in self.correlated]
+        # Strictly lower-triangular pairs (row a, column b) of the Cholesky factor among correlated columns.
+        self.chol_pairs = [(a, b) for a in range(len(self.correlated)) for b in range(a)]
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def n_random(self) -> int:
+        return len(self.random)
+
+    @property
+    def n_fixed(self) -> int:
+        return len(self.fixed)
+
+    @property
+    def param_names(self) -> list[str]:
+        return (
+            list(self.fixed)
+            + self.random_names
+            + [f"sd.{c}" for c in self.random_names]
+            + [f"chol.{self.correlated[a]}.{self.correlated[b]}" for a, b in self.chol_pairs]
+        )
+
+    @property
+    def n_params(self) -> int:
+        return self.n_fixed + 2 * self.n_random + len(self.chol_pairs)
+
+    def slices(self) -> dict[str, slice]:
+        kf, kr = self.n_fixed, self.n_random
+        return {
+            "fixed": slice(0, kf),
+            "loc": slice(kf, kf + kr),
+            "spread": slice(kf + kr, kf + 2 * kr),
+            "chol": slice(kf + 2 * kr, self.n_params),
+        }
+
+    # ------------------------------------------------------------------ maps
+    def fixed_coefficients(self, theta: torch.Tensor) -> torch.Tensor:
+        """theta: (P,) or (U, P). Returns (Kf,) or (U, Kf)."""
+        return theta[..., self.slices()["fixed"]]
+
+    def cholesky(self, theta: torch.Tensor) -> torch.Tensor:
+        """Lower-triangular factor of the correlated block: (..., Kc, Kc); diagonal = their ``sd.*``."""
+        sl = self.slices()
+        kc = len(self.corr_index)
+        spread = theta[..., sl["spread"]][..., self.corr_index]
+        chol = theta[..., sl["chol"]]
+        L = torch.diag_embed(spread)
+        if self.chol_pairs:
+            # Place the off-diagonal entries with a constant one-hot tensor: no in-place writes, so autograd
+            # and vmap (vectorized Hessians) see a plain differentiable expression.
+            place = torch.zeros(len(self.chol_pairs), kc, kc, dtype=theta.dtype)
+            for p, (a, b) in enumerate(self.chol_pairs):
+                place[p, a, b] = 1.0
+            L = L + torch.einsum("...p,pij->...ij", chol, place)
+        return L
+
+    def coefficients(self, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Random-coefficient draws.
+
+        theta : (P,) shared, or (U, P) one copy per unit (used to get per-unit scores by autograd).
+        z : (U, R, Kr) or (1, R, Kr) standard normal draws.
+        Returns (U', R, Kr) with U' the broadcast of the two leading sizes.
+        """
+        sl = self.slices()
+        th = theta if theta.dim() == 2 else theta.unsqueeze(0)
+        loc = th[:, sl["loc"]].unsqueeze(1)  # (U, 1, Kr)
+        spread = th[:, sl["spread"]].unsqueeze(1)
+        cols = []
+        for k, dist in enumerate(self.dists):
+            if k in self.corr_index:
+                cols.append(None)
+            else:
+                cols.append(dist.transform(loc[..., k], spread[..., k], z[..., k]))
+        if self.corr_index:
+            L = self.cholesky(th)  # (U, Kc, Kc)
+            zc = z[..., self.corr_index]  # (U, R, Kc)
+            bc = loc[..., self.corr_index] + zc @ L.transpose(-1, -2)
+            for i, k in enumerate(self.corr_index):
+                cols[k] = bc[..., i]
+        return torch.stack(cols, dim=-1)
+
+    def to_dict(self) -> dict:
+        return {"random": dict(self.random), "fixed": list(self.fixed), "correlated": list(self.correlated)}
