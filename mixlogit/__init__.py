@@ -1,3 +1,20 @@
-"""mixlogit: mixed logit models on one kernel (MSL, variational Bayes, NUTS) with heterogeneity diagnostics."""
+"""mixlogit: mixed logit models on one kernel (MSL, variational Bayes, NUTS) with heterogeneity diagnostics.
+
+>>> import mixlogit as ml
+>>> df = ml.datasets.load_electricity()
+>>> data = ml.ChoiceData.from_long(df, choice="choice", alt="alt", situation="chid", panel="id")
+>>> res = ml.MixedLogit(random={"pf": "normal", "cl": "normal"}, fixed=["loc"]).fit(data, draws=500)
+"""
+
+from . import datasets
+from .data import ChoiceData, ChoiceDataError, wide_to_long
+from .distributions import DISTRIBUTION_NAMES
+from .draws import DRAW_TYPES
+from .model import MixedLogit
+from .results import MixedLogitResults, load
+from .simulate import simulate
 
 __version__ = "0.1.0"
+
+__all__ = ["ChoiceData", "ChoiceDataError", "MixedLogit", "MixedLogitResults", "datasets", "load", "simulate",
+           "wide_to_long", "DISTRIBUTION_NAMES", "DRAW_TYPES"]

@@ -99,6 +99,8 @@ class Spec:
         """
         sl = self.slices()
         th = theta if theta.dim() == 2 else theta.unsqueeze(0)
+        if not self.n_random:
+            return torch.zeros(max(th.shape[0], z.shape[0]), z.shape[1], 0, dtype=theta.dtype)
         loc = th[:, sl["loc"]].unsqueeze(1)  # (U, 1, Kr)
         spread = th[:, sl["spread"]].unsqueeze(1)
         cols = []

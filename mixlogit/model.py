@@ -1,0 +1,242 @@
+"""The user-facing model: ``MixedLogit(random=..., fixed=..., asc=..., correlated=...).fit(data, method=...)``."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from .data import ChoiceData, ChoiceDataError
+from .distributions import get_distribution
+from .draws import DETERMINISTIC, IntegrationRule, make_rule
+from .msl import MSLProblem, maximize
+from .spec import Spec
+
+METHODS = ("msl", "svi", "nuts")
+_NORMAL_FAMILIES = ("normal",)
+
+
+def no_draws_rule(dtype=torch.float64) -> IntegrationRule:
+    """The trivial rule for a model without random coefficients (plain MNL)."""
+    return IntegrationRule(z=torch.zeros(1, 1, 0, dtype=dtype), log_weights=torch.zeros(1, dtype=dtype), kind="none")
+
+
+class MixedLogit:
+    """Mixed (random-coefficient) logit model.
+
+    Parameters
+    ----------
+    random : dict column -> distribution name (see :data:`mixlogit.distributions.DISTRIBUTION_NAMES`).
+    fixed : columns with fixed coefficients.
+    asc : add alternative-specific constants ``asc.<alt>`` for every alternative but ``base_alt``.
+    base_alt : the reference alternative for the constants (default: the first alternative in sorted order).
+    correlated : False, True (all random coefficients, which must be normal) or a list of random normal columns
+        whose draws are correlated through a full Cholesky factor.
+    """
+
+    def __init__(self, random: dict[str, str] | None = None, fixed: list[str] | None = None, asc: bool = False,
+                 base_alt=None, correlated: bool | list[str] = False):
+        random = dict(random or {})
+        fixed = list(fixed or [])
+        if not isinstance(random, dict):
+            raise TypeError("random must be a dict mapping column -> distribution name")
+        for col, dist in random.items():
+            get_distribution(dist, where=f"distribution for random coefficient {col!r}")
+        both = sorted(set(random) & set(fixed))
+        if both:
+            raise ValueError(f"{both[0]!r} is both fixed and random; list each column in one of random= or fixed=")
+        if len(set(fixed)) != len(fixed):
+            dup = next(c for c in fixed if fixed.count(c) > 1)
+            raise ValueError(f"fixed lists {dup!r} twice")
+        if correlated is True:
+            correlated = list(random)
+        elif correlated is False or correlated is None:
+            correlated = []
+        else:
+            correlated = list(correlated)
+        for c in correlated:
+            if c not in random:
+                raise ValueError(f"correlated names {c!r}, which is not a random coefficient; random are: {list(random)}")
+            if random[c] not in _NORMAL_FAMILIES:
+                raise ValueError(
+                    f"correlated coefficient {c!r} has distribution {random[c]!r}; correlation is supported for "
+                    "'normal' coefficients only"
+                )
+        if len(correlated) == 1:
+            correlated = []  # a single coefficient has nothing to correlate with
+        if not random and not fixed and not asc:
+            raise ValueError("the model has no coefficients: give random=, fixed= or asc=True")
+        self.random, self.fixed, self.asc, self.base_alt = random, fixed, bool(asc), base_alt
+        self.correlated = correlated
+
+    def __repr__(self):
+        return (f"MixedLogit(random={self.random}, fixed={self.fixed}, asc={self.asc}, base_alt={self.base_alt!r}, "
+                f"correlated={self.correlated or False})")
+
+    # ------------------------------------------------------------------ spec for a data set
+    def spec_for(self, data: ChoiceData) -> Spec:
+        """The parameter layout on ``data`` (resolves the constants' names)."""
+        asc_cols = []
+        if self.asc:
+            alts = data.alternatives
+            base = alts[0] if self.base_alt is None else self.base_alt
+            if not any(a == base or str(a) == str(base) for a in alts):
+                raise ValueError(
+                    f"base_alt {self.base_alt!r} is not an alternative in column {data.alt!r}; "
+                    f"alternatives are: {', '.join(map(str, alts))}"
+                )
+            asc_cols = [f"asc.{a}" for a in alts if str(a) != str(base)]
+        elif self.base_alt is not None:
+            raise ValueError("base_alt is only used with asc=True")
+        return Spec(random=self.random, fixed=asc_cols + self.fixed, correlated=self.correlated)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, data: ChoiceData, method: str = "msl", **kwargs):
+        """Estimate the model.
+
+        ``method="msl"``: maximum simulated likelihood, see :meth:`fit_msl` for the keyword arguments.
+        ``method="svi"`` / ``"nuts"``: Bayesian estimation (:mod:`mixlogit.bayes`).
+        """
+        if not isinstance(data, ChoiceData):
+            raise TypeError(f"data must be a mixlogit.ChoiceData (use ChoiceData.from_long), got {type(data).__name__}")
+        if method == "msl":
+            return self.fit_msl(data, **kwargs)
+        if method in ("svi", "nuts"):
+            from . import bayes  # optional heavy import (Pyro)
+
+            return bayes.fit(self, data, method=method, **kwargs)
+        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
+
+    def make_problem(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton",
+                     antithetic: bool = False, seed: int | None = 0) -> MSLProblem:
+        """The simulated log-likelihood of this model on ``data`` (used by fit, predict and diagnostics)."""
+        spec = self.spec_for(data)
+        design = data.design(spec.random_names, spec.fixed)
+        if spec.n_random:
+            rule = make_rule(draw_type, design.n_units, draws, spec.n_random, seed=seed, antithetic=antithetic)
+        else:
+            from .draws import DRAW_TYPES, _check_draws
+
+            _check_draws(draws)
+            if draw_type not in DRAW_TYPES:
+                raise ValueError(f"unknown draw_type {draw_type!r}; accepted: {', '.join(DRAW_TYPES)}")
+            rule = no_draws_rule()
+        return MSLProblem(spec, design, rule)
+
+    def start_values(self, data: ChoiceData, spec: Spec) -> np.ndarray:
+        """Starting values: a plain MNL fit for the fixed coefficients and the random ones' locations,
+        spreads 0.1 (lognormal locations start at the log of the MNL coefficient's magnitude)."""
+        mnl_problem = MSLProblem(Spec(random={}, fixed=spec.fixed + spec.random_names),
+                                 data.design([], spec.fixed + spec.random_names), no_draws_rule())
+        opt = maximize(mnl_problem, np.zeros(mnl_problem.spec.n_params))
+        b = opt.theta
+        kf = spec.n_fixed
+        loc = []
+        for k, (col, dist) in enumerate(spec.random.items()):
+            v = b[kf + k]
+            if dist == "lognormal":
+                loc.append(np.log(max(v, 1e-2)))
+            elif dist == "-lognormal":
+                loc.append(np.log(max(-v, 1e-2)))
+            else:
+                loc.append(v)
+        return np.concatenate([b[:kf], loc, np.full(spec.n_random, 0.1), np.zeros(len(spec.chol_pairs))])
+
+    def fit_msl(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton", antithetic: bool = False,
+                seed: int | None = 0, start=None, multistart: int = 0, maxiter: int = 2000, gtol: float = 1e-5,
+                robust: bool = True, progress: bool = False):
+        """Maximum simulated likelihood.
+
+        Parameters
+        ----------
+        draws : draws per unit (persons for panel data, else choice situations); nodes for deterministic rules.
+        draw_type : "halton" | "sobol" | "mlhs" | "pseudo" | "gauss-hermite" | "quadrature".
+        antithetic : pair each draw with its mirror image.
+        seed : seed for the draws and for multistart perturbations.
+        start : starting values (array or dict name -> value); default from an MNL fit.
+        multistart : number of extra starts (random perturbations of the default start); the best is kept.
+        maxiter, gtol : BFGS limits; convergence is max|gradient| < gtol.
+        progress : show a progress bar of iterations.
+
+        Returns
+        -------
+        :class:`mixlogit.results.MixedLogitResults` with exact-Hessian standard errors.
+        """
+        from .results import MixedLogitResults
+
+        t0 = time.perf_counter()
+        if isinstance(multistart, bool) or not isinstance(multistart, int) or multistart < 0:
+            raise ValueError(f"multistart must be a non-negative integer, got {multistart!r}")
+        problem = self.make_problem(data, draws, draw_type, antithetic, seed)
+        spec = problem.spec
+        x0 = self._resolve_start(start, spec) if start is not None else self.start_values(data, spec)
+        starts = [x0]
+        rng = np.random.default_rng(seed)
+        for _ in range(multistart):
+            starts.append(x0 + rng.normal(scale=0.5 * np.maximum(np.abs(x0), 0.1)))
+        best = None
+        for i, s in enumerate(starts):
+            bar = _progress_bar(progress, f"MSL start {i + 1}/{len(starts)}" if len(starts) > 1 else "MSL")
+            opt = maximize(problem, s, maxiter=maxiter, gtol=gtol, callback=bar.update if bar else None)
+            if bar:
+                bar.close()
+            if best is None or (np.isfinite(opt.loglik) and opt.loglik > best.loglik):
+                best = opt
+        hessian = problem.hessian(best.theta)
+        scores = problem.scores(best.theta)
+        integration_error = None
+        if problem.rule.kind in DETERMINISTIC and problem.rule.coarse is not None:
+            integration_error = abs(best.loglik - problem.loglik(best.theta, problem.rule.coarse))
+        null_ll = problem.loglik(np.zeros(spec.n_params))
+        if not best.converged:
+            warnings.warn(f"MSL did not converge ({best.message}; max|gradient| = {best.grad_norm:.3g})",
+                          RuntimeWarning, stacklevel=2)
+        return MixedLogitResults.from_fit(
+            model=self, spec=spec, data=data, theta=best.theta, loglik=best.loglik, null_loglik=null_ll,
+            hessian=hessian, scores=scores, weights=problem.design.weights.numpy(), converged=best.converged,
+            n_iter=best.n_iter, message=best.message, grad_norm=best.grad_norm,
+            integration_error=integration_error,
+            settings={"method": "msl", "draws": int(draws), "draw_type": draw_type, "antithetic": bool(antithetic),
+                      "seed": seed, "multistart": multistart, "gtol": gtol},
+            fit_time=time.perf_counter() - t0,
+        )
+
+    def _resolve_start(self, start, spec: Spec) -> np.ndarray:
+        names = spec.param_names
+        if isinstance(start, dict):
+            unknown = [k for k in start if k not in names]
+            if unknown:
+                raise ValueError(f"start names {unknown[0]!r}, not a parameter; parameters are: {names}")
+            x = np.zeros(len(names))
+            x[spec.slices()["spread"]] = 0.1
+            for k, v in start.items():
+                x[names.index(k)] = float(v)
+            return x
+        x = np.asarray(start, dtype=float).ravel()
+        if x.shape != (len(names),):
+            raise ValueError(f"start has {x.size} values; the model has {len(names)} parameters: {names}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("start has non-finite values")
+        return x
+
+
+def _progress_bar(enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="it", leave=False)
+
+    class _Bar:
+        def update(self, n_iter, xk):
+            bar.update(1)
+
+        def close(self):
+            bar.close()
+
+    return _Bar()
+
+
+__all__ = ["MixedLogit", "ChoiceDataError"]

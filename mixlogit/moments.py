@@ -1,0 +1,67 @@
+"""Differentiable summaries of the coefficient distributions and the delta method.
+
+Moments are computed from each distribution's transform with the composite quadrature rule of
+:mod:`mixlogit.draws`, so every family (including truncated and censored ones) is handled by one code path and
+autograd gives the Jacobians the delta method needs.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .draws import deterministic_rule
+from .spec import Spec
+
+#: Nodes of the 1-D rule used for moments and quantiles of coefficient distributions.
+MOMENT_NODES = 2048
+
+
+@lru_cache(maxsize=1)
+def _moment_rule():
+    rule = deterministic_rule("quadrature", MOMENT_NODES, 1)
+    z = rule.z[0, :, 0]
+    return z, torch.exp(rule.log_weights)
+
+
+def marginal_draws(spec: Spec, theta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadrature nodes of the marginal distribution of random coefficient ``k``.
+
+    Returns (beta_nodes (M,), weights (M,)) such that ``E[g(beta_k)] ~= sum w g(beta)``. Correlated normal
+    coefficients have a normal marginal with sd ``sqrt((L L')_kk)``.
+    """
+    z, w = _moment_rule()
+    sl = spec.slices()
+    loc = theta[sl["loc"]][k]
+    if k in spec.corr_index:
+        L = spec.cholesky(theta)
+        i = spec.corr_index.index(k)
+        sd = torch.sqrt((L[i] ** 2).sum())
+        return loc + sd * z, w
+    spread = theta[sl["spread"]][k]
+    return spec.dists[k].transform(loc, spread, z), w
+
+
+def coefficient_mean_sd(spec: Spec, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Population mean and sd of every random coefficient: two (Kr,) tensors, differentiable in theta."""
+    means, sds = [], []
+    for k in range(spec.n_random):
+        b, w = marginal_draws(spec, theta, k)
+        m = (w * b).sum()
+        means.append(m)
+        sds.append(torch.sqrt(((w * (b - m) ** 2).sum()).clamp_min(0.0)))
+    if not means:
+        e = torch.zeros(0, dtype=theta.dtype)
+        return e, e
+    return torch.stack(means), torch.stack(sds)
+
+
+def delta_method(fn, theta: np.ndarray, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Values of ``fn(theta)`` (a (M,) tensor function) and their delta-method standard errors."""
+    th = torch.as_tensor(theta, dtype=torch.float64)
+    val = fn(th).detach().numpy()
+    jac = torch.autograd.functional.jacobian(fn, th).numpy().reshape(len(val), len(th))
+    var = np.einsum("ij,jk,ik->i", jac, cov, jac)
+    return val, np.sqrt(np.clip(var, 0.0, None))

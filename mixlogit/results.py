@@ -1,0 +1,417 @@
+"""Estimation results: statsmodels-style tables, prediction, individual-level estimates, elasticities, WTP,
+and an exact save/load round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from .data import ChoiceData
+from .kernel import choice_probabilities, posterior_draw_weights
+from .moments import coefficient_mean_sd, delta_method
+from .spec import Spec
+
+FORMAT = "mixlogit.results"
+FORMAT_VERSION = 1
+
+
+def _safe_inverse(neg_hessian: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Inverse of the information matrix; a pseudo-inverse and ``singular=True`` when it is not invertible."""
+    try:
+        cond = np.linalg.cond(neg_hessian)
+        if not np.isfinite(cond) or cond > 1e13:
+            raise np.linalg.LinAlgError("ill-conditioned")
+        np.linalg.cholesky(0.5 * (neg_hessian + neg_hessian.T))
+        return np.linalg.inv(neg_hessian), False
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(neg_hessian), True
+
+
+class MixedLogitResults:
+    """Results of a maximum simulated likelihood fit.
+
+    Attributes (statsmodels names): ``params``, ``bse``, ``cov``, ``robust_bse``, ``robust_cov``, ``tvalues``,
+    ``pvalues``, ``loglik``, ``null_loglik``, ``aic``, ``bic``, ``converged``, ``n_iter``, ``integration_error``.
+    Spreads (``sd.*``) are reported as absolute values: their sign is not identified. ``theta`` keeps the raw
+    optimum (signed), which prediction and the log-likelihood use.
+    """
+
+    def __init__(self, *, model_args: dict, spec: Spec, theta, loglik, null_loglik, hessian, meat, n_obs, n_units,
+                 converged, n_iter, message, grad_norm, integration_error, settings, fit_time):
+        self.model_args = model_args
+        self.spec = spec
+        self.theta = np.asarray(theta, dtype=float)
+        self.param_names = spec.param_names
+        self.loglik, self.null_loglik = float(loglik), float(null_loglik)
+        self.hessian = np.asarray(hessian, dtype=float)
+        self.meat = np.asarray(meat, dtype=float)
+        self.n_obs, self.n_units = int(n_obs), int(n_units)
+        self.converged, self.n_iter, self.message = bool(converged), int(n_iter), str(message)
+        self.grad_norm = float(grad_norm)
+        self.integration_error = None if integration_error is None else float(integration_error)
+        self.settings = dict(settings)
+        self.fit_time = float(fit_time)
+        cov, self.hessian_singular = _safe_inverse(-self.hessian)
+        if self.hessian_singular:
+            warnings.warn("the Hessian is singular or ill-conditioned at the optimum: standard errors are from a "
+                          "pseudo-inverse and unreliable (is a parameter unidentified?)", RuntimeWarning, stacklevel=3)
+        # Sign flips of spreads are reparametrizations: carry them into the covariances.
+        self._flip = np.ones(len(self.theta))
+        sp = spec.slices()["spread"]
+        self._flip[sp] = np.where(self.theta[sp] < 0, -1.0, 1.0)
+        f = self._flip
+        self.cov = pd.DataFrame(cov * np.outer(f, f), index=self.param_names, columns=self.param_names)
+        robust = cov @ self.meat @ cov
+        self.robust_cov = pd.DataFrame(robust * np.outer(f, f), index=self.param_names, columns=self.param_names)
+
+    @classmethod
+    def from_fit(cls, *, model, spec, data: ChoiceData, theta, loglik, null_loglik, hessian, scores, weights,
+                 converged, n_iter, message, grad_norm, integration_error, settings, fit_time):
+        ws = scores * weights[:, None]
+        model_args = {"random": model.random, "fixed": model.fixed, "asc": model.asc,
+                      "base_alt": _jsonable(model.base_alt), "correlated": model.correlated}
+        return cls(model_args=model_args, spec=spec, theta=theta, loglik=loglik, null_loglik=null_loglik,
+                   hessian=hessian, meat=ws.T @ ws, n_obs=data.n_situations, n_units=data.n_units,
+                   converged=converged, n_iter=n_iter, message=message, grad_norm=grad_norm,
+                   integration_error=integration_error, settings=settings, fit_time=fit_time)
+
+    # ------------------------------------------------------------------ tables
+    @property
+    def params(self) -> pd.Series:
+        return pd.Series(self.theta * self._flip, index=self.param_names, name="params")
+
+    @property
+    def bse(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.clip(np.diag(self.cov), 0, None)), index=self.param_names, name="bse")
+
+    @property
+    def robust_bse(self) -> pd.Series:
+        """Sandwich standard errors H^-1 B H^-1 with B the outer product of per-unit scores; for panel data the
+        unit is the person, so these are cluster-robust by panel."""
+        return pd.Series(np.sqrt(np.clip(np.diag(self.robust_cov), 0, None)), index=self.param_names,
+                         name="robust_bse")
+
+    @property
+    def tvalues(self) -> pd.Series:
+        return (self.params / self.bse).rename("z")
+
+    @property
+    def pvalues(self) -> pd.Series:
+        return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues)), index=self.param_names, name="p")
+
+    @property
+    def n_params(self) -> int:
+        return len(self.theta)
+
+    @property
+    def aic(self) -> float:
+        return 2 * self.n_params - 2 * self.loglik
+
+    @property
+    def bic(self) -> float:
+        return math.log(self.n_obs) * self.n_params - 2 * self.loglik
+
+    def conf_int(self, alpha: float = 0.05, robust: bool = False) -> pd.DataFrame:
+        """Wald intervals: DataFrame with columns ``lower``, ``upper``."""
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        se = self.robust_bse if robust else self.bse
+        q = stats.norm.ppf(1 - alpha / 2)
+        return pd.DataFrame({"lower": self.params - q * se, "upper": self.params + q * se})
+
+    def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+        ci = self.conf_int(alpha)
+        return pd.DataFrame({"estimate": self.params, "std.err": self.bse, "z": self.tvalues, "p": self.pvalues,
+                             "robust.se": self.robust_bse, "lower": ci["lower"], "upper": ci["upper"]})
+
+    def summary(self) -> str:
+        """A printable table of estimates and fit statistics."""
+        s = self.settings
+        rule = "no random coefficients" if not self.spec.n_random else f"{s.get('draws')} {s.get('draw_type')} draws"
+        head = [
+            f"Mixed logit, {s.get('method', 'msl').upper()} ({rule})",
+            f"units: {self.n_units}   choice situations: {self.n_obs}   parameters: {self.n_params}",
+            f"log-likelihood: {self.loglik:.3f}   null: {self.null_loglik:.3f}   "
+            f"rho2: {1 - self.loglik / self.null_loglik:.4f}",
+            f"AIC: {self.aic:.2f}   BIC: {self.bic:.2f}",
+            f"converged: {self.converged} ({self.n_iter} iterations, max|grad| {self.grad_norm:.1e}, "
+            f"{self.fit_time:.1f} s)",
+        ]
+        if self.integration_error is not None:
+            head.append(f"estimated integration error of the log-likelihood: {self.integration_error:.2e}")
+        if self.hessian_singular:
+            head.append("WARNING: singular Hessian; standard errors unreliable")
+        table = self.summary_frame().to_string(float_format=lambda v: f"{v:.4f}")
+        rule_line = "-" * max(len(x) for x in table.splitlines())
+        return "\n".join(head + [rule_line, table, rule_line])
+
+    def __repr__(self):
+        return f"<MixedLogitResults LL={self.loglik:.3f} params={self.n_params} converged={self.converged}>"
+
+    # ------------------------------------------------------------------ random coefficients
+    def random_cov(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Covariance matrix of the correlated random coefficients and its delta-method standard errors."""
+        names = self.spec.correlated
+        if not names:
+            raise ValueError("the model has no correlated random coefficients (use correlated=True or a list)")
+        k = len(names)
+
+        def fn(th):
+            L = self.spec.cholesky(th)
+            return (L @ L.T).reshape(-1)
+
+        val, se = delta_method(fn, self.theta, self._raw_cov())
+        return (pd.DataFrame(val.reshape(k, k), index=names, columns=names),
+                pd.DataFrame(se.reshape(k, k), index=names, columns=names))
+
+    def random_corr(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Correlation matrix of the correlated random coefficients and its delta-method standard errors."""
+        names = self.spec.correlated
+        if not names:
+            raise ValueError("the model has no correlated random coefficients (use correlated=True or a list)")
+        k = len(names)
+
+        def fn(th):
+            L = self.spec.cholesky(th)
+            c = L @ L.T
+            d = torch.sqrt(torch.diagonal(c))
+            return (c / torch.outer(d, d)).reshape(-1)
+
+        val, se = delta_method(fn, self.theta, self._raw_cov())
+        return (pd.DataFrame(val.reshape(k, k), index=names, columns=names),
+                pd.DataFrame(se.reshape(k, k), index=names, columns=names))
+
+    def coefficient_moments(self) -> pd.DataFrame:
+        """Population mean and sd of every random coefficient (implied by its distribution), delta-method SEs."""
+        kr = self.spec.n_random
+        if not kr:
+            return pd.DataFrame(columns=["mean", "mean.se", "sd", "sd.se"])
+
+        def fn(th):
+            m, s = coefficient_mean_sd(self.spec, th)
+            return torch.cat([m, s])
+
+        val, se = delta_method(fn, self.theta, self._raw_cov())
+        return pd.DataFrame({"mean": val[:kr], "mean.se": se[:kr], "sd": val[kr:], "sd.se": se[kr:]},
+                            index=self.spec.random_names)
+
+    def wtp(self, attribute: str, price: str) -> pd.DataFrame:
+        """Willingness to pay for ``attribute`` in units of ``price``: the distribution of ``-beta_a / beta_p``.
+
+        Returns a DataFrame with rows ``mean`` and ``sd`` and columns ``estimate``, ``std.err`` (delta method).
+        Supported: a fixed price coefficient (any attribute distribution), or a lognormal / -lognormal price
+        coefficient independent of the attribute's (the ratio of a normal price coefficient has no moments).
+        """
+        sp = self.spec
+        names = sp.random_names + sp.fixed
+        for role, col in (("attribute", attribute), ("price", price)):
+            if col not in names:
+                raise ValueError(f"{role} {col!r} is not a coefficient of the model; coefficients: {names}")
+        if attribute == price:
+            raise ValueError("attribute and price must differ")
+        sl = sp.slices()
+
+        def moments_of(th, col):  # mean, E[b^2] of a coefficient
+            if col in sp.fixed:
+                b = th[sl["fixed"]][sp.fixed.index(col)]
+                return b, b * b
+            m, s = coefficient_mean_sd(sp, th)
+            k = sp.random_names.index(col)
+            return m[k], s[k] ** 2 + m[k] ** 2
+
+        if price in sp.random:
+            dist = sp.random[price]
+            if dist not in ("lognormal", "-lognormal") or price in sp.correlated or attribute in sp.correlated:
+                raise ValueError(
+                    f"WTP with a random price coefficient needs it to be lognormal or -lognormal and uncorrelated; "
+                    f"{price!r} is {dist!r}{' and correlated' if price in sp.correlated else ''}"
+                )
+
+        def fn(th):
+            ma, m2a = moments_of(th, attribute)
+            if price in sp.fixed:
+                inv1 = 1.0 / moments_of(th, price)[0]
+                inv2 = inv1 * inv1
+            else:
+                k = sp.random_names.index(price)
+                loc, s = th[sl["loc"]][k], th[sl["spread"]][k]
+                sign = -1.0 if sp.random[price] == "-lognormal" else 1.0
+                inv1 = sign * torch.exp(-loc + 0.5 * s * s)  # E[1/b] for b = sign*exp(loc + s z)
+                inv2 = torch.exp(-2 * loc + 2 * s * s)
+            mean = -ma * inv1
+            var = m2a * inv2 - mean * mean
+            return torch.stack([mean, torch.sqrt(var.clamp_min(0.0))])
+
+        val, se = delta_method(fn, self.theta, self._raw_cov())
+        return pd.DataFrame({"estimate": val, "std.err": se}, index=["mean", "sd"])
+
+    def _raw_cov(self) -> np.ndarray:
+        f = self._flip
+        return self.cov.to_numpy() * np.outer(f, f)
+
+    # ------------------------------------------------------------------ data-level outputs
+    def _problem(self, data: ChoiceData):
+        from .model import MixedLogit
+
+        model = MixedLogit(**self.model_args)
+        s = self.settings
+        problem = model.make_problem(data, s.get("draws", 1000), s.get("draw_type", "halton"),
+                                     s.get("antithetic", False), s.get("seed", 0))
+        if problem.spec.param_names != self.param_names:
+            raise ValueError("data gives a different parameter layout (alternatives differ from the estimation data)")
+        return problem
+
+    def _per_draw(self, data: ChoiceData):
+        """Yield (chunk, beta (n or 1, R, Kr), fixed coefficients, problem) over unit chunks."""
+        problem = self._problem(data)
+        th = torch.as_tensor(self.theta, dtype=torch.float64)
+        for c in problem.chunks:
+            yield c, self.spec.coefficients(th, problem.rule.for_units(c)), self.spec.fixed_coefficients(th), problem
+
+    def predict(self, data: ChoiceData) -> pd.Series:
+        """Mixed choice probability of every row of ``data.df`` (same index), integrating over the
+        coefficient distribution with the fit's integration settings."""
+        out = None
+        with torch.no_grad():
+            for c, beta, bf, problem in self._per_draw(data):
+                d = problem.design
+                if out is None:
+                    out = torch.zeros(d.avail.shape, dtype=torch.float64)
+                fixed = d.x_fixed[c] @ bf if self.spec.n_fixed else None
+                out[c] = choice_probabilities(d.x_rand[c], beta, problem.rule.log_weights,
+                                              fixed_utility=fixed, avail=d.avail[c])
+            d = problem.design
+            p = out[d.row_unit, d.row_t, d.row_j].numpy()
+        p = np.where(data._avail, p, 0.0)
+        return pd.Series(p, index=data.df.index, name="prob")
+
+    def individual(self, data: ChoiceData) -> pd.DataFrame:
+        """Individual-level (conditional) estimates of the random coefficients (Revelt and Train):
+        ``E[beta | y_n]`` and its sd for each unit, indexed by panel id (or situation id)."""
+        if not self.spec.n_random:
+            raise ValueError("the model has no random coefficients")
+        means, sds = [], []
+        with torch.no_grad():
+            for c, beta, _, problem in self._per_draw(data):
+                th = torch.as_tensor(self.theta, dtype=torch.float64)
+                w = posterior_draw_weights(problem.unit_cond_loglik(th, c), problem.rule.log_weights)  # (n, R)
+                m = torch.einsum("nr,nrk->nk", w, beta.expand(w.shape[0], -1, -1))
+                v = torch.einsum("nr,nrk->nk", w, (beta.expand(w.shape[0], -1, -1) - m[:, None, :]) ** 2)
+                means.append(m)
+                sds.append(v.sqrt())
+        names = self.spec.random_names
+        df = pd.DataFrame(torch.cat(means).numpy(), columns=names, index=pd.Index(data.unit_labels, name="unit"))
+        sd = pd.DataFrame(torch.cat(sds).numpy(), columns=[f"sd.{n}" for n in names], index=df.index)
+        return pd.concat([df, sd], axis=1)
+
+    def elasticities(self, data: ChoiceData, attribute: str, cross: bool = False):
+        """Elasticities of the mixed choice probabilities with respect to ``attribute``.
+
+        ``cross=False``: the own elasticity of each row's probability, a Series on ``data.df``'s index:
+        ``x_i / P_i * E[beta L_i (1 - L_i)]``. ``cross=True``: a J x J DataFrame, entry (i, j) the elasticity
+        of ``P_i`` with respect to alternative j's attribute, averaged over situations where both are available.
+        """
+        sp = self.spec
+        if attribute not in sp.random_names + sp.fixed:
+            raise ValueError(f"attribute {attribute!r} is not a coefficient of the model; "
+                             f"coefficients: {sp.random_names + sp.fixed}")
+        own_out, cross_sum, cross_n = None, None, None
+        with torch.no_grad():
+            for c, beta, bf, problem in self._per_draw(data):
+                d = problem.design
+                v = torch.einsum("ntjk,nrk->ntjr", d.x_rand[c], beta.expand(d.x_rand[c].shape[0], -1, -1))
+                if sp.n_fixed:
+                    v = v + (d.x_fixed[c] @ bf).unsqueeze(-1)
+                av = d.avail[c] | ~d.avail[c].any(-1, keepdim=True)
+                v = v.masked_fill(~av.unsqueeze(-1), float("-inf"))
+                L = torch.softmax(v, dim=2)  # (n, T, J, R)
+                w = torch.exp(problem.rule.log_weights)
+                if attribute in sp.random_names:
+                    k = sp.random_names.index(attribute)
+                    bk = beta[..., k].unsqueeze(1).unsqueeze(1)  # (n|1, 1, 1, R)
+                    x = d.x_rand[c][..., k]
+                else:
+                    k = sp.fixed.index(attribute)
+                    bk = bf[k]
+                    x = d.x_fixed[c][..., k]
+                P = (L * w).sum(-1)  # (n, T, J)
+                if own_out is None:
+                    own_out = torch.zeros(d.avail.shape, dtype=torch.float64)
+                    J = d.avail.shape[-1]
+                    cross_sum = torch.zeros(J, J, dtype=torch.float64)
+                    cross_n = torch.zeros(J, J, dtype=torch.float64)
+                # E[beta L_i L_j] for all i, j, then the diagonal correction for own effects.
+                m = torch.einsum("ntir,ntjr,r->ntij", L * bk, L, w)
+                diag = (L * bk * w).sum(-1)
+                eij = -m * x.unsqueeze(-2) / P.clamp_min(1e-300).unsqueeze(-1)
+                own = (diag - torch.diagonal(m, dim1=-2, dim2=-1)) * x / P.clamp_min(1e-300)
+                idx = torch.arange(eij.shape[-1])
+                eij[..., idx, idx] = own
+                own_out[c] = own
+                valid = (d.avail[c].unsqueeze(-1) & d.avail[c].unsqueeze(-2)) & d.situation_mask[c][..., None, None]
+                cross_sum += torch.where(valid, eij, 0.0).sum((0, 1))
+                cross_n += valid.sum((0, 1))
+        d = problem.design
+        if cross:
+            labels = [str(a) for a in data.alternatives]
+            return pd.DataFrame((cross_sum / cross_n.clamp_min(1)).numpy(), index=labels, columns=labels)
+        e = own_out[d.row_unit, d.row_t, d.row_j].numpy()
+        return pd.Series(np.where(data._avail, e, np.nan), index=data.df.index, name=f"elasticity.{attribute}")
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": FORMAT_VERSION, "model": self.model_args, "spec": self.spec.to_dict(),
+            "param_names": self.param_names, "theta": self.theta.tolist(), "loglik": self.loglik,
+            "null_loglik": self.null_loglik, "hessian": self.hessian.tolist(), "meat": self.meat.tolist(),
+            "n_obs": self.n_obs, "n_units": self.n_units, "converged": self.converged, "n_iter": self.n_iter,
+            "message": self.message, "grad_norm": self.grad_norm, "integration_error": self.integration_error,
+            "settings": self.settings, "fit_time": self.fit_time,
+        }
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the results as JSON (exact: floats are written with full precision). Refuses to replace an
+        existing file unless ``overwrite=True``."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixedLogitResults":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a mixlogit results file (format {d.get('format')!r})")
+        spec = Spec(**d["spec"])
+        return cls(model_args=d["model"], spec=spec, theta=d["theta"], loglik=d["loglik"],
+                   null_loglik=d["null_loglik"], hessian=d["hessian"], meat=d["meat"], n_obs=d["n_obs"],
+                   n_units=d["n_units"], converged=d["converged"], n_iter=d["n_iter"], message=d["message"],
+                   grad_norm=d["grad_norm"], integration_error=d["integration_error"], settings=d["settings"],
+                   fit_time=d["fit_time"])
+
+
+def load(path: str | os.PathLike) -> MixedLogitResults:
+    """Read results written by :meth:`MixedLogitResults.save`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return MixedLogitResults.from_dict(json.loads(path.read_text()))
+
+
+def _jsonable(v):
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
