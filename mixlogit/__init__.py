@@ -16,5 +16,15 @@ from .simulate import simulate
 
 __version__ = "0.1.0"
 
-__all__ = ["ChoiceData", "ChoiceDataError", "MixedLogit", "MixedLogitResults", "datasets", "load", "simulate",
-           "wide_to_long", "DISTRIBUTION_NAMES", "DRAW_TYPES"]
+__all__ = [
+           "DISTRIBUTION_NAMES",
+           "DRAW_TYPES",
+           "ChoiceData",
+           "ChoiceDataError",
+           "MixedLogit",
+           "MixedLogitResults",
+           "datasets",
+           "load",
+           "simulate",
+           "wide_to_long",
+]

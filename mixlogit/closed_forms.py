@@ -75,11 +75,15 @@ def _prepare(margin, shape, rate):
     ``x`` is ``-h`` where ``h <= 0`` (not ``abs``): at ``h = 0`` it then carries the derivative of the ``h <= 0``
     branch instead of the zero subgradient of ``abs``, so d/dh is right at the origin.
     """
-    tensors = [torch.as_tensor(v) for v in (margin, shape, rate)]
-    dtype = functools.reduce(torch.promote_types, [v.dtype for v in tensors])
+    args = (margin, shape, rate)
+    # Like torch's promotion, plain numbers do not decide the dtype, and they are converted straight to it
+    # (not through float32, which would round e.g. a rate of 0.01).
+    dtypes = [v.dtype for v in args if isinstance(v, torch.Tensor)]
+    dtype = functools.reduce(torch.promote_types, dtypes) if dtypes else torch.get_default_dtype()
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
-    h, k, lam = torch.broadcast_tensors(*[v.to(dtype) for v in tensors])
+    device = next((v.device for v in args if isinstance(v, torch.Tensor)), None)
+    h, k, lam = torch.broadcast_tensors(*[torch.as_tensor(v, dtype=dtype, device=device) for v in args])
     x = torch.where(h > 0, h, -h)
     return h, k, lam, x, x / lam
 
@@ -152,7 +156,7 @@ def gamma_logistic_posterior_moments(margin, shape, rate, n_terms: int = DEFAULT
 __all__ = [
     "DEFAULT_TERMS",
     "cvz_weights",
-    "log_expected_logistic_gamma",
     "expected_neg_log_logistic_gamma",
     "gamma_logistic_posterior_moments",
+    "log_expected_logistic_gamma",
 ]

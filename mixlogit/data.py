@@ -18,8 +18,13 @@ class ChoiceDataError(ValueError):
     """Raised for malformed choice data; the message names the column and row or situation."""
 
 
+def _py(v: object) -> object:
+    """A numpy scalar as the plain Python value, so messages read ``101`` rather than ``np.int64(101)``."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def _first_label(index: pd.Index, mask: np.ndarray) -> object:
-    return index[np.flatnonzero(mask)[0]]
+    return _py(index[np.flatnonzero(mask)[0]])
 
 
 def _require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
@@ -39,7 +44,7 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
         bad = pd.to_numeric(s, errors="coerce").isna().to_numpy() & s.notna().to_numpy()
         row = _first_label(df.index, bad) if bad.any() else df.index[0]
         raise ChoiceDataError(
-            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {s.loc[row]!r}. "
+            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {_py(s.loc[row])!r}. "
             "Encode categories as numeric dummies."
         )
     v = s.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -47,7 +52,7 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     if bad.any():
         row = _first_label(df.index, bad)
         raise ChoiceDataError(
-            f"{role} column {col!r} has a non-finite value ({v[bad][0]}) in row {row!r} "
+            f"{role} column {col!r} has a non-finite value ({_py(v[bad][0])}) in row {row!r} "
             f"({int(bad.sum())} such rows); fill or drop them first"
         )
     return v
@@ -60,7 +65,7 @@ def _binary_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
         if mapped.isna().any():
             row = _first_label(df.index, mapped.isna().to_numpy())
             raise ChoiceDataError(
-                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {s.loc[row]!r}"
+                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {_py(s.loc[row])!r}"
             )
         v = mapped.to_numpy(dtype=np.float64)
     else:
@@ -68,7 +73,7 @@ def _binary_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     bad = (v != 0) & (v != 1)
     if bad.any():
         row = _first_label(df.index, bad)
-        raise ChoiceDataError(f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {v[bad][0]}")
+        raise ChoiceDataError(f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {_py(v[bad][0])}")
     return v.astype(bool)
 
 
@@ -106,7 +111,7 @@ class Design:
     def n_units(self) -> int:
         return int(self.x_rand.shape[0])
 
-    def subset(self, index: slice | torch.Tensor) -> "Design":
+    def subset(self, index: slice | torch.Tensor) -> Design:
         """The tensors of a subset of units (row mappings are dropped)."""
         return Design(
             x_rand=self.x_rand[index], x_fixed=self.x_fixed[index], avail=self.avail[index],
@@ -143,7 +148,7 @@ class ChoiceData:
         panel: str | None = None,
         avail: str | None = None,
         weights: str | None = None,
-    ) -> "ChoiceData":
+    ) -> ChoiceData:
         """Validate a long table: one row per alternative per choice situation.
 
         Parameters
@@ -173,7 +178,7 @@ class ChoiceData:
         if dup.any():
             row = _first_label(df.index, dup)
             raise ChoiceDataError(
-                f"alternative {df[alt].loc[row]!r} appears twice in situation {df[situation].loc[row]!r} "
+                f"alternative {_py(df[alt].loc[row])!r} appears twice in situation {_py(df[situation].loc[row])!r} "
                 f"(row {row!r}); column {alt!r} must be unique within column {situation!r}"
             )
         n_chosen = np.bincount(sit_codes, weights=chosen.astype(float), minlength=len(sit_labels))
@@ -181,7 +186,7 @@ class ChoiceData:
         if bad.any():
             s = np.flatnonzero(bad)[0]
             raise ChoiceDataError(
-                f"situation {sit_labels[s]!r} (column {situation!r}) has {int(n_chosen[s])} chosen alternatives "
+                f"situation {_py(sit_labels[s])!r} (column {situation!r}) has {int(n_chosen[s])} chosen alternatives "
                 f"in column {choice!r}; exactly one is required ({int(bad.sum())} situations affected)"
             )
         unavailable_choice = chosen & ~av
@@ -196,8 +201,8 @@ class ChoiceData:
                 s = int(per_sit.index[(per_sit > 1).to_numpy()][0])
                 rows = np.flatnonzero(sit_codes == s)
                 raise ChoiceDataError(
-                    f"panel id (column {panel!r}) changes within situation {sit_labels[s]!r} "
-                    f"(rows {df.index[rows[0]]!r}..{df.index[rows[-1]]!r}); a situation belongs to one person"
+                    f"panel id (column {panel!r}) changes within situation {_py(sit_labels[s])!r} "
+                    f"(rows {_py(df.index[rows[0]])!r}..{_py(df.index[rows[-1]])!r}); a situation belongs to one person"
                 )
             unit_codes, unit_labels = pd.factorize(df[panel], sort=False)
         else:
@@ -206,13 +211,13 @@ class ChoiceData:
             w = _numeric_column(df, weights, "weights")
             if (w <= 0).any():
                 row = _first_label(df.index, w <= 0)
-                raise ChoiceDataError(f"weights column {weights!r} must be positive; row {row!r} holds {w[w <= 0][0]}")
+                raise ChoiceDataError(f"weights column {weights!r} must be positive; row {row!r} holds {_py(w[w <= 0][0])}")
             spread = pd.Series(w).groupby(unit_codes).agg(lambda x: x.max() - x.min())
             if (spread > 0).any():
                 u = int(spread.index[(spread > 0).to_numpy()][0])
                 unit_name = "panel unit" if panel is not None else "situation"
                 raise ChoiceDataError(
-                    f"weights column {weights!r} varies within {unit_name} {unit_labels[u]!r}; "
+                    f"weights column {weights!r} varies within {unit_name} {_py(unit_labels[u])!r}; "
                     f"weights must be constant within each {unit_name}"
                 )
             unit_w = pd.Series(w).groupby(unit_codes).first().sort_index().to_numpy()
@@ -225,7 +230,8 @@ class ChoiceData:
         sit_t = pd.Series(np.arange(len(sit_labels))).groupby(sit_unit).cumcount().to_numpy()
         t_codes = sit_t[sit_codes]
         alt_codes, alternatives = pd.factorize(df[alt], sort=True)
-        arrays = (chosen, av, alt_codes, unit_codes, t_codes, unit_w, list(alternatives), list(unit_labels))
+        arrays = (chosen, av, alt_codes, unit_codes, t_codes, unit_w, [_py(a) for a in alternatives],
+                  [_py(u) for u in unit_labels])
         return cls(df, choice, alt, situation, panel, avail, weights, arrays)
 
     # ------------------------------------------------------------------ facts
@@ -311,7 +317,7 @@ class ChoiceData:
             x_rand_diff=diff(x_r), x_fixed_diff=diff(x_f),
             avail_diff=torch.gather(avail_t, 2, others),
             situation_mask=torch.as_tensor(sit_mask),
-            weights=torch.as_tensor(self._unit_weights, dtype=dtype),
+            weights=torch.tensor(self._unit_weights, dtype=dtype),  # a copy: the array may be read-only
             row_unit=torch.as_tensor(u), row_t=torch.as_tensor(tt), row_j=torch.as_tensor(jj),
         )
 
@@ -344,18 +350,24 @@ def wide_to_long(
     keep = list(keep or [])
     sit = df[situation].to_numpy() if situation is not None else np.arange(len(df))
     _require_columns(df, {"choice": choice, **{f"keep[{i}]": k for i, k in enumerate(keep)}})
-    labels = set(map(str, alternatives))
-    bad = ~df[choice].astype(str).isin(labels).to_numpy()
+    def is_alt(a) -> np.ndarray:
+        # Numeric codes compare as numbers (1.0 == 1 after read_csv), anything else by its text.
+        col = df[choice]
+        if pd.api.types.is_numeric_dtype(col) and isinstance(a, (int, float, np.number)):
+            return (col.to_numpy() == a)
+        return (col.astype(str) == str(a)).to_numpy()
+
+    bad = ~np.logical_or.reduce([is_alt(a) for a in alternatives])
     if bad.any():
         row = _first_label(df.index, bad)
         raise ChoiceDataError(
-            f"choice column {choice!r} holds {df[choice].loc[row]!r} in row {row!r}, which is not one of the "
+            f"choice column {choice!r} holds {_py(df[choice].loc[row])!r} in row {row!r}, which is not one of the "
             f"alternatives {alternatives!r}"
         )
     parts = []
     for a in alternatives:
         part = {"situation" if situation is None else situation: sit, "alt": a,
-                "choice": (df[choice].astype(str) == str(a)).to_numpy().astype(int)}
+                "choice": is_alt(a).astype(int)}
         for name, spec in varying.items():
             col = spec.format(alt=a) if isinstance(spec, str) else spec.get(a)
             if col is None:

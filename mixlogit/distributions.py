@@ -123,10 +123,11 @@ _REGISTRY: dict[str, CoefficientDistribution] = {
 DISTRIBUTION_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def get_distribution(name: str, *, where: str = "distribution") -> CoefficientDistribution:
-    """Look a distribution up by name; the error lists the accepted names."""
+def get_distribution(name: str, *, where: str | None = None) -> CoefficientDistribution:
+    """Look a distribution up by name; the error lists the accepted names (``where`` says for what)."""
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(
-            f"unknown {where} {name!r}; accepted: {', '.join(DISTRIBUTION_NAMES)}"
+            f"unknown distribution {name!r}{' for ' + where if where else ''}; "
+            f"accepted: {', '.join(DISTRIBUTION_NAMES)}"
         )
     return _REGISTRY[name]

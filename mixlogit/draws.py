@@ -49,7 +49,7 @@ class IntegrationRule:
     z: torch.Tensor
     log_weights: torch.Tensor
     kind: str
-    coarse: "IntegrationRule | None" = None
+    coarse: IntegrationRule | None = None
 
     @property
     def n_points(self) -> int:
@@ -108,7 +108,7 @@ def _mlhs(n_units, n_draws, dim, rng):
 def _gauss_legendre_composite_1d(n_nodes: int, half_width: float) -> tuple[np.ndarray, np.ndarray]:
     """Composite Gauss-Legendre rule for E[g(Z)], Z ~ N(0,1), truncated to [-half_width, half_width]."""
     order = QUADRATURE_PANEL_ORDER
-    panels = max(2, int(round(n_nodes / order)))
+    panels = max(2, round(n_nodes / order))
     x, w = np.polynomial.legendre.leggauss(order)
     edges = np.linspace(-half_width, half_width, panels + 1)
     half = 0.5 * (edges[1:] - edges[:-1])
@@ -148,7 +148,7 @@ def deterministic_rule(kind: str, n_points: int, dim: int, dtype=torch.float64, 
             f"draw_type={kind!r} supports 1 or 2 random coefficients (tensor-product rule), got {dim}; "
             "use draw_type='sobol' or 'halton' for more"
         )
-    per_dim = max(2, int(round(n_points ** (1.0 / dim))))
+    per_dim = max(2, round(n_points ** (1.0 / dim)))
     if kind == "gauss-hermite":
         x, w = _gauss_hermite_1d(per_dim)
     else:

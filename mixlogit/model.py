@@ -43,7 +43,7 @@ class MixedLogit:
         if not isinstance(random, dict):
             raise TypeError("random must be a dict mapping column -> distribution name")
         for col, dist in random.items():
-            get_distribution(dist, where=f"distribution for random coefficient {col!r}")
+            get_distribution(dist, where=f"random coefficient {col!r}")
         both = sorted(set(random) & set(fixed))
         if both:
             raise ValueError(f"{both[0]!r} is both fixed and random; list each column in one of random= or fixed=")
@@ -146,7 +146,7 @@ class MixedLogit:
 
     def fit_msl(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton", antithetic: bool = False,
                 seed: int | None = 0, start=None, multistart: int = 0, maxiter: int = 2000, gtol: float = 1e-5,
-                robust: bool = True, progress: bool = False):
+                progress: bool = False):
         """Maximum simulated likelihood.
 
         Parameters
@@ -154,7 +154,8 @@ class MixedLogit:
         draws : draws per unit (persons for panel data, else choice situations); nodes for deterministic rules.
         draw_type : "halton" | "sobol" | "mlhs" | "pseudo" | "gauss-hermite" | "quadrature".
         antithetic : pair each draw with its mirror image.
-        seed : seed for the draws and for multistart perturbations.
+        seed : seed for the draws and for multistart perturbations; None draws one, which is recorded in
+            ``res.settings["seed"]`` so that prediction reuses the fit's draws.
         start : starting values (array or dict name -> value); default from an MNL fit.
         multistart : number of extra starts (random perturbations of the default start); the best is kept.
         maxiter, gtol : BFGS limits; convergence is max|gradient| < gtol.
@@ -167,6 +168,8 @@ class MixedLogit:
         from .results import MixedLogitResults
 
         t0 = time.perf_counter()
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**31))
         if isinstance(multistart, bool) or not isinstance(multistart, int) or multistart < 0:
             raise ValueError(f"multistart must be a non-negative integer, got {multistart!r}")
         problem = self.make_problem(data, draws, draw_type, antithetic, seed)
@@ -189,10 +192,10 @@ class MixedLogit:
         integration_error = None
         if problem.rule.kind in DETERMINISTIC and problem.rule.coarse is not None:
             integration_error = abs(best.loglik - problem.loglik(best.theta, problem.rule.coarse))
-        null_ll = problem.loglik(np.zeros(spec.n_params))
+        null_ll = problem.null_loglik()
         if not best.converged:
             warnings.warn(f"MSL did not converge ({best.message}; max|gradient| = {best.grad_norm:.3g})",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         return MixedLogitResults.from_fit(
             model=self, spec=spec, data=data, theta=best.theta, loglik=best.loglik, null_loglik=null_ll,
             hessian=hessian, scores=scores, weights=problem.design.weights.numpy(), converged=best.converged,
@@ -239,4 +242,4 @@ def _progress_bar(enabled: bool, desc: str):
     return _Bar()
 
 
-__all__ = ["MixedLogit", "ChoiceDataError"]
+__all__ = ["ChoiceDataError", "MixedLogit"]

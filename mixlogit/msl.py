@@ -70,6 +70,12 @@ class MSLProblem:
         with torch.no_grad():
             return float(sum((self.design.weights[c] * self.unit_loglik(th, c, rule)).sum() for c in self.chunks))
 
+    def null_loglik(self) -> float:
+        """Log-likelihood of equal shares among the available alternatives (all coefficients zero)."""
+        d = self.design
+        n_avail = (d.avail_diff.sum(-1) + 1).to(torch.float64)  # non-chosen available + the chosen one
+        return float(-(d.weights * (torch.log(n_avail) * d.situation_mask).sum(1)).sum())
+
     def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Weighted log-likelihood and its exact gradient. theta: (P,) numpy."""
         th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)

@@ -62,11 +62,16 @@ class MixedLogitResults:
         cov, self.hessian_singular = _safe_inverse(-self.hessian)
         if self.hessian_singular:
             warnings.warn("the Hessian is singular or ill-conditioned at the optimum: standard errors are from a "
-                          "pseudo-inverse and unreliable (is a parameter unidentified?)", RuntimeWarning, stacklevel=3)
+                          "pseudo-inverse and unreliable (is a parameter unidentified?)", RuntimeWarning, stacklevel=4)
         # Sign flips of spreads are reparametrizations: carry them into the covariances.
         self._flip = np.ones(len(self.theta))
         sp = spec.slices()["spread"]
         self._flip[sp] = np.where(self.theta[sp] < 0, -1.0, 1.0)
+        # For correlated coefficients the flip is a sign change of a Cholesky column: the off-diagonal
+        # entries of that column change sign with its diagonal (L D, D = diag(+-1), leaves L L' unchanged).
+        ch = spec.slices()["chol"].start
+        for p, (_, b) in enumerate(spec.chol_pairs):
+            self._flip[ch + p] = self._flip[sp.start + spec.corr_index[b]]
         f = self._flip
         self.cov = pd.DataFrame(cov * np.outer(f, f), index=self.param_names, columns=self.param_names)
         robust = cov @ self.meat @ cov
@@ -139,11 +144,11 @@ class MixedLogitResults:
         head = [
             f"Mixed logit, {s.get('method', 'msl').upper()} ({rule})",
             f"units: {self.n_units}   choice situations: {self.n_obs}   parameters: {self.n_params}",
-            f"log-likelihood: {self.loglik:.3f}   null: {self.null_loglik:.3f}   "
-            f"rho2: {1 - self.loglik / self.null_loglik:.4f}",
+            (f"log-likelihood: {self.loglik:.3f}   null: {self.null_loglik:.3f}   "
+             f"rho2: {1 - self.loglik / self.null_loglik:.4f}"),
             f"AIC: {self.aic:.2f}   BIC: {self.bic:.2f}",
-            f"converged: {self.converged} ({self.n_iter} iterations, max|grad| {self.grad_norm:.1e}, "
-            f"{self.fit_time:.1f} s)",
+            (f"converged: {self.converged} ({self.n_iter} iterations, max|grad| {self.grad_norm:.1e}, "
+             f"{self.fit_time:.1f} s)"),
         ]
         if self.integration_error is not None:
             head.append(f"estimated integration error of the log-likelihood: {self.integration_error:.2e}")
@@ -248,7 +253,10 @@ class MixedLogitResults:
                 inv2 = torch.exp(-2 * loc + 2 * s * s)
             mean = -ma * inv1
             var = m2a * inv2 - mean * mean
-            return torch.stack([mean, torch.sqrt(var.clamp_min(0.0))])
+            # sqrt has an infinite slope at 0 (fixed attribute and price): keep the Jacobian finite there.
+            positive = var > 1e-300
+            sd = torch.where(positive, torch.sqrt(torch.where(positive, var, torch.ones_like(var))), 0.0 * var)
+            return torch.stack([mean, sd])
 
         val, se = delta_method(fn, self.theta, self._raw_cov())
         return pd.DataFrame({"estimate": val, "std.err": se}, index=["mean", "sd"])
@@ -390,7 +398,7 @@ class MixedLogitResults:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MixedLogitResults":
+    def from_dict(cls, d: dict) -> MixedLogitResults:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a mixlogit results file (format {d.get('format')!r})")
         spec = Spec(**d["spec"])

@@ -30,7 +30,7 @@ class Spec:
     correlated: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        self.dists = [get_distribution(d, where=f"distribution for {c!r}") for c, d in self.random.items()]
+        self.dists = [get_distribution(d, where=f"random coefficient {c!r}") for c, d in self.random.items()]
         self.random_names = list(self.random)
         idx = {c: i for i, c in enumerate(self.random_names)}
         self.corr_index = [idx[c] for c in self.correlated]
