@@ -16,15 +16,5 @@ from .simulate import simulate
 
 __version__ = "0.1.0"
 
-__all__ = [
-           "DISTRIBUTION_NAMES",
-           "DRAW_TYPES",
-           "ChoiceData",
-           "ChoiceDataError",
-           "MixedLogit",
-           "MixedLogitResults",
-           "datasets",
-           "load",
-           "simulate",
-           "wide_to_long",
-]
+__all__ = ["DISTRIBUTION_NAMES", "DRAW_TYPES", "ChoiceData", "ChoiceDataError", "MixedLogit", "MixedLogitResults",
+           "datasets", "load", "simulate", "wide_to_long"]

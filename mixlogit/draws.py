@@ -64,7 +64,8 @@ class IntegrationRule:
         return self.z if self.shared else self.z[index]
 
 
-def _check_draws(n_draws, name="draws"):
+def check_draws(n_draws, name="draws"):
+    """Raise a ValueError naming ``name`` unless ``n_draws`` is a positive integer."""
     if isinstance(n_draws, bool) or not isinstance(n_draws, (int, np.integer)) or n_draws < 1:
         raise ValueError(f"{name} must be a positive integer, got {n_draws!r}")
 
@@ -192,7 +193,7 @@ def make_rule(
     """
     if draw_type not in DRAW_TYPES:
         raise ValueError(f"unknown draw_type {draw_type!r}; accepted: {', '.join(DRAW_TYPES)}")
-    _check_draws(n_draws)
+    check_draws(n_draws)
     if draw_type in DETERMINISTIC:
         if antithetic:
             raise ValueError(f"antithetic=True applies to simulation draws, not to draw_type={draw_type!r}")

@@ -10,7 +10,7 @@ import torch
 
 from .data import ChoiceData, ChoiceDataError
 from .distributions import get_distribution
-from .draws import DETERMINISTIC, IntegrationRule, make_rule
+from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
 from .msl import MSLProblem, maximize
 from .spec import Spec
 
@@ -117,9 +117,7 @@ class MixedLogit:
         if spec.n_random:
             rule = make_rule(draw_type, design.n_units, draws, spec.n_random, seed=seed, antithetic=antithetic)
         else:
-            from .draws import DRAW_TYPES, _check_draws
-
-            _check_draws(draws)
+            check_draws(draws)
             if draw_type not in DRAW_TYPES:
                 raise ValueError(f"unknown draw_type {draw_type!r}; accepted: {', '.join(DRAW_TYPES)}")
             rule = no_draws_rule()
