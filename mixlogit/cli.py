@@ -54,7 +54,67 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default="mixlogit-results", help="output folder (default: %(default)s)")
     f.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    b = f.add_argument_group("Bayesian estimation (--method svi | nuts)")
+    b.add_argument("--steps", type=int, default=3000, help="SVI: most optimization steps (default: %(default)s)")
+    b.add_argument("--guide", default="fullrank", help="SVI guide: meanfield, fullrank or amortized "
+                   "(default: %(default)s)")
+    b.add_argument("--subsample", type=int, help="SVI: persons per step (minibatch SVI)")
+    b.add_argument("--learning-rate", type=float, default=0.01, help="SVI: Adam learning rate (default: %(default)s)")
+    b.add_argument("--num-samples", type=int, default=1000, help="NUTS: draws per chain (default: %(default)s)")
+    b.add_argument("--num-warmup", type=int, default=1000, help="NUTS: warmup steps per chain (default: %(default)s)")
+    b.add_argument("--chains", type=int, default=2, help="NUTS: chains (default: %(default)s)")
+    b.add_argument("--prior", action="append", default=[], metavar="KEY=PRIOR",
+                   help="override a prior, e.g. --prior sd=halfnormal(2) --prior pf='normal(0, 5)'; keys: fixed, "
+                   "loc, sd, corr or a parameter name (repeatable)")
+    r = sub.add_parser("report", help="write plots and a report (summary and heterogeneity tables) for a folder "
+                       "written by `mixlogit fit`")
+    r.add_argument("results_dir", help="folder with results.json")
+    r.add_argument("--format", default="md", choices=["md", "html"], help="report format (default: %(default)s)")
+    r.add_argument("--out", help="output folder (default: RESULTS_DIR)")
+    r.add_argument("--no-data", action="store_true", help="do not reload the estimation data (skips az.loo and "
+                   "MSL individual-level plots)")
     return p
+
+
+def _parse_priors(items: list[str]) -> dict[str, str] | None:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--prior expects KEY=PRIOR, e.g. sd='halfnormal(2)', got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out or None
+
+
+def _data_source(args) -> dict:
+    """How to read the estimation data again (stored with the results, used by `mixlogit report`)."""
+    src = {k: getattr(args, k) for k in ("choice", "alt", "situation", "panel", "avail", "weights")}
+    if args.dataset:
+        src["dataset"] = args.dataset
+    else:
+        src["file"] = str(Path(args.file).resolve())
+    return src
+
+
+def _reload_data(settings: dict) -> ChoiceData | None:
+    src = settings.get("data")
+    if not src:
+        return None
+    if "dataset" in src:
+        df = DATASETS[src["dataset"]]()
+        cols = dict(ELECTRICITY_COLUMNS)
+    else:
+        path = Path(src["file"])
+        if not path.exists():
+            print(f"mixlogit: note: estimation data {path} not found; the report skips what needs the data",
+                  file=sys.stderr)
+            return None
+        df = pd.read_csv(path)
+        cols = {}
+    for k in ("choice", "alt", "situation", "panel"):
+        if src.get(k):
+            cols[k] = src[k]
+    return ChoiceData.from_long(df, avail=src.get("avail"), weights=src.get("weights"), **cols)
 
 
 def _load_data(args) -> tuple[ChoiceData, dict, list]:
@@ -101,8 +161,13 @@ def cmd_fit(args) -> int:
     if args.method == "msl":
         res = model.fit(data, method="msl", draws=args.draws, draw_type=args.draw_type,
                         antithetic=args.antithetic, seed=args.seed, progress=True)
+    elif args.method == "svi":
+        res = model.fit(data, method="svi", seed=args.seed, progress=True, steps=args.steps, guide=args.guide,
+                        subsample=args.subsample, learning_rate=args.learning_rate, priors=_parse_priors(args.prior))
     else:
-        res = model.fit(data, method=args.method, seed=args.seed, progress=True)
+        res = model.fit(data, method=args.method, seed=args.seed, progress=True, num_samples=args.num_samples,
+                        num_warmup=args.num_warmup, chains=args.chains, priors=_parse_priors(args.prior))
+    res.settings["data"] = _data_source(args)
     out.mkdir(parents=True, exist_ok=True)
     res.save(targets[0], overwrite=True)
     res.summary_frame().to_csv(targets[1])
@@ -113,11 +178,28 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .bayes_results import load as load_any
+    from .diagnostics import write_report
+
+    folder = Path(args.results_dir)
+    path = folder / "results.json"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist; RESULTS_DIR must be a folder written by `mixlogit fit`")
+    res = load_any(path)
+    data = None if args.no_data else _reload_data(res.settings)
+    report = write_report(res, Path(args.out) if args.out else folder, data=data, fmt=args.format)
+    print(f"report written to {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "fit":
             return cmd_fit(args)
+        if args.command == "report":
+            return cmd_report(args)
     except (ValueError, KeyError, FileExistsError) as e:
         print(f"mixlogit: error: {e}", file=sys.stderr)
         return 2

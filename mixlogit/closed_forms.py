@@ -59,8 +59,11 @@ def cvz_weights(n_terms: int) -> tuple[float, ...]:
     return tuple(float(w) for w in out)
 
 
-def _weights(n_terms: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(cvz_weights(n_terms), dtype=like.dtype, device=like.device)
+@functools.lru_cache(maxsize=64)
+def _weights_and_index(n_terms: int, dtype: torch.dtype, device: torch.device):
+    """The CVZ weights and ``m = 0..N-1`` as tensors, built once per dtype and device."""
+    return (torch.tensor(cvz_weights(n_terms), dtype=dtype, device=device),
+            torch.arange(n_terms, dtype=dtype, device=device))
 
 
 def _check_terms(n_terms) -> int:
@@ -91,11 +94,11 @@ def _prepare(margin, shape, rate):
 def _log_first_term_and_ratio(k: torch.Tensor, t: torch.Tensor, n_terms: int, extra_log=None):
     """``log (1 + t)^(-k)`` and the accelerated ``log sum_m (-1)^m (1 + m s)^(-k) [* extra_m]``."""
     s = t / (1.0 + t)
-    m = torch.arange(n_terms, dtype=t.dtype, device=t.device)
+    w, m = _weights_and_index(n_terms, t.dtype, t.device)
     log_terms = -k.unsqueeze(-1) * torch.log1p(m * s.unsqueeze(-1))  # (..., N), every term in (0, 1]
     if extra_log is not None:
         log_terms = log_terms + extra_log
-    series = (torch.exp(log_terms) * _weights(n_terms, t)).sum(-1)  # in [1/2, 1]
+    series = torch.exp(log_terms) @ w  # in [1/2, 1]
     return -k * torch.log1p(t), torch.log(series)
 
 
@@ -129,7 +132,7 @@ def expected_neg_log_logistic_gamma(margin, shape, rate, n_terms: int = DEFAULT_
     """
     n_terms = _check_terms(n_terms)
     h, k, _, _, t = _prepare(margin, shape, rate)
-    m = torch.arange(n_terms, dtype=t.dtype, device=t.device)
+    _, m = _weights_and_index(n_terms, t.dtype, t.device)
     log_a1, log_g = _log_first_term_and_ratio(k, t, n_terms, extra_log=-torch.log1p(m))
     g = torch.exp(log_a1 + log_g)  # E[softplus(-beta |h|)]
     return torch.where(h > 0, g, k * t + g)

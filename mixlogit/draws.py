@@ -87,15 +87,18 @@ def _halton(n_units, n_draws, dim, rng):
 
 
 def _sobol(n_units, n_draws, dim, rng):
-    # An independently scrambled (Owen) Sobol net per unit: each unit's own integral gets a full
-    # low-discrepancy set, and the independent scrambles keep the units' simulation errors independent.
-    out = np.empty((n_units, n_draws, dim))
-    seeds = rng.integers(2**31, size=n_units)
+    # One Owen-scrambled Sobol net, randomized independently for every unit by a random digital shift (XOR of
+    # the binary digits): a digitally shifted net is still a net, so each unit gets a full low-discrepancy set,
+    # and the independent shifts keep the units' simulation errors independent. Far cheaper than one
+    # scrambled sequence per unit.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # balance warning when n_draws is not a power of two
-        for i in range(n_units):
-            out[i] = qmc.Sobol(d=dim, scramble=True, seed=int(seeds[i])).random(n_draws)
-    return out
+        base = qmc.Sobol(d=dim, scramble=True, seed=int(rng.integers(2**31))).random(n_draws)
+    bits = 52
+    base_int = (base * 2.0**bits).astype(np.uint64)
+    shift = rng.integers(0, 2**bits, size=(n_units, 1, dim), dtype=np.uint64)
+    # Centre each point in its cell of width 2^-52 so no coordinate is exactly 0.
+    return ((base_int[None] ^ shift).astype(np.float64) + 0.5) / 2.0**bits
 
 
 def _mlhs(n_units, n_draws, dim, rng):

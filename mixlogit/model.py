@@ -11,7 +11,7 @@ import torch
 from .data import ChoiceData, ChoiceDataError
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
-from .msl import MSLProblem, maximize
+from .msl import DECREMENT_TOL, MSLProblem, maximize, newton_decrement
 from .spec import Spec
 
 METHODS = ("msl", "svi", "nuts")
@@ -156,7 +156,9 @@ class MixedLogit:
             ``res.settings["seed"]`` so that prediction reuses the fit's draws.
         start : starting values (array or dict name -> value); default from an MNL fit.
         multistart : number of extra starts (random perturbations of the default start); the best is kept.
-        maxiter, gtol : BFGS limits; convergence is max|gradient| < gtol.
+        maxiter, gtol : BFGS limits. Converged means max|gradient| < gtol, or (where the simulated likelihood
+            has kinks, as with censored coefficients) the Newton step with the exact Hessian is shorter than
+            0.01 standard errors.
         progress : show a progress bar of iterations.
 
         Returns
@@ -186,17 +188,18 @@ class MixedLogit:
             if best is None or (np.isfinite(opt.loglik) and opt.loglik > best.loglik):
                 best = opt
         hessian = problem.hessian(best.theta)
+        converged = best.converged or newton_decrement(best.grad, hessian) < DECREMENT_TOL
         scores = problem.scores(best.theta)
         integration_error = None
         if problem.rule.kind in DETERMINISTIC and problem.rule.coarse is not None:
             integration_error = abs(best.loglik - problem.loglik(best.theta, problem.rule.coarse))
         null_ll = problem.null_loglik()
-        if not best.converged:
+        if not converged:
             warnings.warn(f"MSL did not converge ({best.message}; max|gradient| = {best.grad_norm:.3g})",
                           RuntimeWarning, stacklevel=3)
         return MixedLogitResults.from_fit(
             model=self, spec=spec, data=data, theta=best.theta, loglik=best.loglik, null_loglik=null_ll,
-            hessian=hessian, scores=scores, weights=problem.design.weights.numpy(), converged=best.converged,
+            hessian=hessian, scores=scores, weights=problem.design.weights.numpy(), converged=converged,
             n_iter=best.n_iter, message=best.message, grad_norm=best.grad_norm,
             integration_error=integration_error,
             settings={"method": "msl", "draws": int(draws), "draw_type": draw_type, "antithetic": bool(antithetic),
