@@ -42,7 +42,9 @@ def log_logit_chosen(v_diff: torch.Tensor, avail: torch.Tensor | None = None) ->
     if avail is not None:
         v_diff = v_diff.masked_fill(~avail.unsqueeze(-1), float("-inf"))
     if v_diff.shape[-2] == 1:
-        return -torch.nn.functional.softplus(v_diff.squeeze(-2))
+        # softplus switches to the identity above `threshold`; torch's default of 20 costs 2e-9 in float64.
+        threshold = 40.0 if v_diff.dtype == torch.float64 else 20.0
+        return -torch.nn.functional.softplus(v_diff.squeeze(-2), threshold=threshold)
     # Largest exponent that cannot overflow the dtype even after summing A terms.
     safe = math.log(torch.finfo(v_diff.dtype).max) - math.log(v_diff.shape[-2] + 1) - 1.0
     if float(v_diff.detach().max()) < safe:

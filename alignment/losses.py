@@ -1,0 +1,144 @@
+"""DPO and MixDPO losses on per-sequence log-probabilities (model-free; the trainer supplies the log-probs).
+
+Both take TRL's four tensors: the policy's and the reference model's summed log-probabilities of the chosen and
+the rejected completions, each of shape (B,) in nats, and return ``(losses, chosen_rewards, rejected_rewards)``,
+each (B,), like TRL's ``dpo_loss``. The margin is ``h = (pi_c - ref_c) - (pi_r - ref_r)``.
+
+- DPO: ``loss = -log sigmoid(beta h)``.
+- MixDPO, ``objective="marginal"`` (the mixed-logit likelihood): ``loss = -log E_beta[sigmoid(beta h)]``.
+- MixDPO, ``objective="expected"``: ``loss = E_beta[-log sigmoid(beta h)]``, an upper bound of the marginal
+  loss by Jensen's inequality.
+
+``label_smoothing = eps`` gives the conservative-DPO form ``(1 - eps) loss(h) + eps loss(-h)`` (noisy labels).
+Rewards are TRL's, with beta replaced by its mean: ``E[beta] * (pi - ref)``, detached.
+
+Low-precision inputs (bfloat16, float16) are upcast to float32 before the margin is formed; float64 stays
+float64. The returned tensors are in that working dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .strength import Strength
+
+#: Names accepted by ``objective``.
+OBJECTIVES = ("marginal", "expected")
+
+_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def _margin(tensors: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the four log-prob tensors; return (h, chosen log-ratio, rejected log-ratio) in the working dtype."""
+    for name, t in zip(_NAMES, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of per-sequence log-probs, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    shape = tensors[0].shape
+    for name, t in zip(_NAMES[1:], tensors[1:]):
+        if t.shape != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {_NAMES[0]} has shape {tuple(shape)}; the four log-prob "
+                "tensors must have the same shape (one entry per preference pair)"
+            )
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    pc, pr, rc, rr = (t.to(dtype) for t in tensors)
+    chosen, rejected = pc - rc, pr - rr
+    h = chosen - rejected
+    # Any non-finite input makes h non-finite, so one check (one device sync) covers all four tensors.
+    if not bool(torch.isfinite(h).all()):
+        parts = []
+        for name, t in zip(_NAMES, tensors):
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                parts.append(f"{name} at batch indices {bad.nonzero().squeeze(-1).tolist()[:10]}")
+        detail = "; ".join(parts) if parts else (
+            f"the margin overflows at batch indices {(~torch.isfinite(h)).nonzero().squeeze(-1).tolist()[:10]}")
+        raise ValueError(f"non-finite log-probabilities: {detail}")
+    return h, chosen, rejected
+
+
+def _check_smoothing(label_smoothing) -> float:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
+        math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0
+    ):
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain DPO sigmoid loss, written directly (the reference the kernel path is tested against).
+
+    Each log-prob tensor has shape (B,) (any common shape works elementwise). ``beta > 0``.
+    Returns ``(losses, chosen_rewards, rejected_rewards)``: ``-log sigmoid(beta h)`` and ``beta * log-ratio``.
+    """
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    eps = _check_smoothing(label_smoothing)
+    h, chosen, rejected = _margin((policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps))
+    losses = -F.logsigmoid(beta * h)
+    if eps:
+        losses = (1.0 - eps) * losses - eps * F.logsigmoid(-beta * h)
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def mixdpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    strength: Strength,
+    objective: str = "marginal",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MixDPO loss: DPO with the strength ``beta`` integrated over ``strength``'s distribution.
+
+    Parameters
+    ----------
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps : (B,) summed log-probs
+        (nats). Gradients flow to the policy's and to ``strength``'s parameters.
+    strength : a :class:`~alignment.strength.Strength` (PointStrength gives DPO exactly).
+    objective : "marginal" (``-log E[sigmoid(beta h)]``, the mixed-logit likelihood) or "expected"
+        (``E[-log sigmoid(beta h)]``).
+    label_smoothing : eps in [0, 1]: ``(1 - eps) loss(h) + eps loss(-h)``.
+
+    Returns
+    -------
+    losses, chosen_rewards, rejected_rewards : (B,) each; rewards are ``E[beta] * log-ratio`` (detached).
+    """
+    if not isinstance(strength, Strength):
+        raise TypeError(
+            f"strength must be an alignment Strength (PointStrength, LogNormalStrength, GammaStrength), "
+            f"got {type(strength).__name__}"
+        )
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
+    eps = _check_smoothing(label_smoothing)
+    h, chosen, rejected = _margin((policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                   ref_rejected_logps))
+    fn = strength._log_prob if objective == "marginal" else strength._expected_log_prob
+    flat = h.reshape(-1)
+    if eps:
+        # One call for both signs, so a simulation integrator draws once per call.
+        both = fn(torch.cat([flat, -flat]))
+        losses = -((1.0 - eps) * both[: flat.numel()] + eps * both[flat.numel():])
+    else:
+        losses = -fn(flat)
+    with torch.no_grad():
+        mean_beta = strength.mean().to(device=h.device, dtype=h.dtype)
+    return losses.reshape(h.shape), mean_beta * chosen.detach(), mean_beta * rejected.detach()
+
+
+__all__ = ["OBJECTIVES", "dpo_loss", "mixdpo_loss"]
