@@ -4,6 +4,13 @@ Importing the package is light (torch, scipy and mixlogit only); the trainer, wh
 is loaded on first access of ``MixDPOConfig`` or ``MixDPOTrainer``.
 """
 
+from . import synthetic
+from .data import load_preference_data, validate_preference_dataset
+from .diagnostics import plot_strength, strength_to_arviz
+
+# Eager on purpose: the submodule alignment.evaluate shares the function's name, and an eager import keeps
+# ``alignment.evaluate`` the function even after the submodule is imported elsewhere.
+from .evaluate import evaluate, pair_logratios
 from .losses import OBJECTIVES, dpo_loss, mixdpo_loss
 from .strength import (
     DEFAULT_NODES,
@@ -18,7 +25,7 @@ from .strength import (
 )
 
 # Not in __all__: a star import stays light too.
-_LAZY = {"MixDPOConfig": "alignment.trainer", "MixDPOTrainer": "alignment.trainer"}
+_LAZY = {name: "alignment.trainer" for name in ("MixDPOConfig", "MixDPOTrainer", "save_strength", "load_strength")}
 
 
 def __getattr__(name):
@@ -39,6 +46,13 @@ __all__ = [
     "Strength",
     "StrengthPosterior",
     "dpo_loss",
+    "evaluate",
+    "load_preference_data",
+    "pair_logratios",
+    "plot_strength",
+    "strength_to_arviz",
+    "synthetic",
+    "validate_preference_dataset",
     "make_strength",
     "mixdpo_loss",
     "register_strength",

@@ -1,0 +1,315 @@
+"""Preference datasets: loading, validation of TRL's formats, and tokenization of pairs.
+
+Accepted formats (TRL's preference formats):
+
+- standard, explicit prompt: ``prompt``, ``chosen``, ``rejected`` are strings;
+- conversational, explicit prompt: ``prompt``, ``chosen``, ``rejected`` are lists of ``{"role", "content"}``
+  messages;
+- implicit prompt (standard or conversational): only ``chosen`` and ``rejected``, which share the prompt as a common
+  prefix (TRL extracts it).
+
+Every check raises a ``ValueError`` that names the offending dataset, column or row and lists what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "detect_format",
+    "drop_empty_completions",
+    "load_preference_data",
+    "tokenize_pair",
+    "validate_preference_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = (
+    "standard (prompt, chosen, rejected: strings), "
+    "conversational (prompt, chosen, rejected: lists of {'role', 'content'} messages), "
+    "or implicit prompt (chosen, rejected only, sharing the prompt as a common prefix)"
+)
+_REQUIRED = ("chosen", "rejected")
+
+
+def load_preference_data(path: str | os.PathLike, split: str = "train"):
+    """Load preference pairs from a JSONL file or a ``datasets.save_to_disk`` directory.
+
+    Args:
+        path: a ``.jsonl`` file (one JSON object per line), a ``.json`` file holding a list of objects, or a
+            directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+        split: the split to take when the directory holds a ``DatasetDict``.
+
+    Returns:
+        ``datasets.Dataset``, validated with :func:`validate_preference_dataset`.
+    """
+    import datasets
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as e:
+            raise ValueError(
+                f"{path!r} is a directory but not one written by `datasets` `save_to_disk`: {e}. Pass a JSONL file "
+                "or a `save_to_disk` directory."
+            ) from e
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(
+                    f"{path!r} holds the splits {sorted(ds)}, not {split!r}: pick one with `split`."
+                )
+            ds = ds[split]
+    elif os.path.isfile(path):
+        rows: list[dict[str, Any]] = []
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                try:
+                    rows = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path!r} is not valid JSON: {e}") from e
+                if not isinstance(rows, list):
+                    raise ValueError(f"{path!r} must hold a JSON list of objects, got {type(rows).__name__}.")
+            else:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path!r} line {lineno} is not valid JSON: {e}") from e
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(  # noqa: TRY004 - malformed file content, not a wrong argument type
+                    f"{path!r} record {i} must be a JSON object, got {type(row).__name__}."
+                )
+        if not rows:
+            raise ValueError(f"{path!r} holds no preference pairs.")
+        ds = datasets.Dataset.from_list(rows)
+    else:
+        raise ValueError(
+            f"No such preference data file or directory: {path!r} (expected a .jsonl file or a "
+            "`save_to_disk` directory)."
+        )
+    validate_preference_dataset(ds, name=path)
+    return ds
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    )
+
+
+def detect_format(example: dict[str, Any]) -> str:
+    """Name the TRL format of one example.
+
+    Returns:
+        ``"standard"``, ``"conversational"``, ``"implicit_standard"`` or ``"implicit_conversational"``.
+
+    Raises:
+        ValueError: a required field is missing or has the wrong type; the message lists the accepted formats.
+    """
+    missing = [k for k in _REQUIRED if k not in example]
+    if missing:
+        raise ValueError(
+            f"missing field(s) {missing} (present: {sorted(example)}); accepted formats: {ACCEPTED_FORMATS}."
+        )
+    chosen, rejected = example["chosen"], example["rejected"]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        kind = "standard"
+    elif _is_messages(chosen) and _is_messages(rejected):
+        kind = "conversational"
+    else:
+        raise ValueError(
+            f"fields 'chosen' and 'rejected' must both be strings or both be lists of {{'role', 'content'}} "
+            f"messages, got {type(chosen).__name__} and {type(rejected).__name__}; accepted formats: "
+            f"{ACCEPTED_FORMATS}."
+        )
+    if "prompt" not in example:
+        return "implicit_" + kind
+    prompt = example["prompt"]
+    if kind == "standard" and not isinstance(prompt, str):
+        raise ValueError(
+            f"field 'prompt' must be a string when 'chosen' and 'rejected' are strings, got "
+            f"{type(prompt).__name__}; accepted formats: {ACCEPTED_FORMATS}."
+        )
+    if kind == "conversational" and not _is_messages(prompt):
+        raise ValueError(
+            f"field 'prompt' must be a list of {{'role', 'content'}} messages when 'chosen' and 'rejected' are, "
+            f"got {type(prompt).__name__}; accepted formats: {ACCEPTED_FORMATS}."
+        )
+    return kind
+
+
+def validate_preference_dataset(
+    dataset, group_column: str | None = None, name: str = "dataset", max_rows: int = 1000
+) -> str:
+    """Check that a dataset holds preference pairs in one of TRL's formats.
+
+    Args:
+        dataset: ``datasets.Dataset``, ``datasets.IterableDataset`` or a list of dicts.
+        group_column: a subgroup or annotator column that must exist, or None.
+        name: how the dataset is named in error messages (e.g. ``"train_dataset"`` or a file path).
+        max_rows: rows whose types are checked one by one (all of them when the dataset is smaller); the column
+            names are always checked.
+
+    Returns:
+        The format name of the first row (see :func:`detect_format`).
+
+    Raises:
+        ValueError: empty dataset, missing ``chosen``/``rejected`` (or prompt of the wrong type), rows of mixed
+            formats, a null value, or a missing ``group_column``; the message names the column and row.
+    """
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # IterableDataset without resolved features, or a list of dicts
+        try:
+            first = next(iter(dataset))
+        except StopIteration:
+            raise ValueError(f"{name} is empty: it holds no preference pairs.") from None
+        columns = list(first)
+    missing = [k for k in _REQUIRED if k not in columns]
+    if missing:
+        raise ValueError(
+            f"{name} is missing the field(s) {missing} (its columns: {list(columns)}); accepted formats: "
+            f"{ACCEPTED_FORMATS}."
+        )
+    if group_column is not None and group_column not in columns:
+        raise ValueError(
+            f"group_column={group_column!r} is not a column of {name} (its columns: {list(columns)}); pass the "
+            "name of the subgroup or annotator column, or group_column=None."
+        )
+    kind = None
+    count = 0
+    for i, example in enumerate(dataset):
+        if i >= max_rows:
+            break
+        count += 1
+        for key in ("prompt", "chosen", "rejected"):
+            if key in example and example[key] is None:
+                raise ValueError(
+                    f"{name} row {i}: field {key!r} is null; every pair needs a prompt, a chosen and a "
+                    "rejected completion."
+                )
+        try:
+            row_kind = detect_format(example)
+        except ValueError as e:
+            raise ValueError(f"{name} row {i}: {e}") from None
+        if kind is None:
+            kind = row_kind
+        elif row_kind != kind:
+            raise ValueError(
+                f"{name} row {i} is {row_kind} but row 0 is {kind}: all rows must share one format."
+            )
+        if group_column is not None and example[group_column] is None:
+            raise ValueError(f"{name} row {i}: group_column {group_column!r} is null.")
+    if count == 0:
+        raise ValueError(f"{name} is empty: it holds no preference pairs.")
+    return kind
+
+
+def drop_empty_completions(
+    dataset,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    name: str = "dataset",
+    log: bool = True,
+):
+    """Drop tokenized pairs whose chosen or rejected completion is empty after truncation to ``max_length``.
+
+    A pair whose completion keeps no token carries no preference signal (its log-probability would be 0, and a
+    per-token average would be 0/0); it is dropped and the count is logged, never turned into a NaN.
+
+    Args:
+        dataset: ``datasets.Dataset`` with ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (token id lists).
+        max_length: maximum tokens of prompt + completion, or None for no truncation.
+        truncation_mode: ``"keep_start"`` (keep the first ``max_length`` tokens) or ``"keep_end"``.
+        name: dataset name for the log message.
+        log: log the count of dropped pairs at WARNING level (callers that report a total pass False).
+
+    Returns:
+        ``(dataset, n_dropped)``.
+    """
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}.")
+
+    def keeps_tokens(ex) -> bool:
+        n_prompt = len(ex["prompt_ids"])
+        for key in ("chosen_ids", "rejected_ids"):
+            n = len(ex[key])
+            if n == 0:
+                return False
+            if max_length is not None and truncation_mode == "keep_start" and n_prompt >= max_length:
+                return False
+        return True
+
+    n_before = len(dataset) if hasattr(dataset, "__len__") else None
+    kwargs = {"desc": f"Dropping empty completions from {name}"} if n_before is not None else {}
+    dataset = dataset.filter(keeps_tokens, **kwargs)
+    if n_before is None:
+        return dataset, 0
+    n_dropped = n_before - len(dataset)
+    if n_dropped and log:
+        logger.warning(
+            "Dropped %d of %d pairs of %s whose chosen or rejected completion is empty after "
+            "truncation to max_length=%s.",
+            n_dropped,
+            n_before,
+            name,
+            max_length,
+        )
+    return dataset, n_dropped
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _ids(tokenizer, text_or_messages, add_generation_prompt: bool = False) -> list[int]:
+    # Same calls as TRL's preprocessing (special tokens added by default), so log-probs agree with the trainer's.
+    if isinstance(text_or_messages, str):
+        return list(tokenizer(text=text_or_messages)["input_ids"])
+    out = tokenizer.apply_chat_template(
+        text_or_messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )
+    return list(out["input_ids"])
+
+
+def tokenize_pair(example: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of a pair, split into prompt and completions the way TRL's DPOTrainer splits them.
+
+    Standard pairs get the tokenizer's EOS appended to both completions; conversational pairs go through the chat
+    template. The completion starts where the tokenized prompt and the tokenized prompt + completion diverge.
+
+    Returns:
+        ``(prompt_ids, chosen_ids, rejected_ids)``.
+    """
+    from trl.data_utils import extract_prompt
+
+    if "prompt" not in example:
+        example = {**example, **extract_prompt(example)}
+    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    if isinstance(chosen, str):
+        eos = tokenizer.eos_token or ""
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        p = _ids(tokenizer, prompt)
+        pc, pr = _ids(tokenizer, prompt + chosen), _ids(tokenizer, prompt + rejected)
+    else:
+        p = _ids(tokenizer, prompt, add_generation_prompt=True)
+        pc, pr = _ids(tokenizer, prompt + chosen), _ids(tokenizer, prompt + rejected)
+    n = min(_common_prefix(p, pc), _common_prefix(p, pr))
+    return p[:n], pc[n:], pr[n:]
