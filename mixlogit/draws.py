@@ -20,7 +20,7 @@ from scipy.stats import qmc
 from .distributions import std_normal_icdf
 
 #: Names accepted by ``draw_type``.
-DRAW_TYPES = ("halton", "sobol", "mlhs", "pseudo", "gauss-hermite", "quadrature")
+DRAW_TYPES = ("halton", "halton-plain", "sobol", "mlhs", "pseudo", "gauss-hermite", "quadrature")
 DETERMINISTIC = ("gauss-hermite", "quadrature")
 
 #: Half-width of the truncated range of the composite rule; the normal mass outside is 2*Phi(-8.5) ~ 2e-17.
@@ -84,6 +84,15 @@ def _halton(n_units, n_draws, dim, rng):
     sampler.fast_forward(10)  # the first points of a Halton sequence cluster near the origin
     u = sampler.random(n_units * n_draws)
     return u.reshape(n_units, n_draws, dim)
+
+
+def _halton_plain(n_units, n_draws, dim, rng):
+    # The classic construction of Train, mlogit and xlogit, for replicating published results: unscrambled
+    # Halton with primes 2, 3, 5, ..., the first 100 points dropped, consecutive blocks per unit. Not random
+    # (the seed is unused); its dimensions correlate for large primes, so prefer "halton" beyond ~8 dimensions.
+    sampler = qmc.Halton(d=dim, scramble=False)
+    sampler.fast_forward(100)  # drop the first 100 points (the origin among them), as Train does
+    return sampler.random(n_units * n_draws).reshape(n_units, n_draws, dim)
 
 
 def _sobol(n_units, n_draws, dim, rng):
@@ -209,7 +218,8 @@ def make_rule(
         gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
         z = torch.randn(n_units, base, dim, generator=gen, dtype=torch.float64).to(dtype)
     else:
-        u = {"halton": _halton, "sobol": _sobol, "mlhs": _mlhs}[draw_type](n_units, base, dim, rng)
+        makers = {"halton": _halton, "halton-plain": _halton_plain, "sobol": _sobol, "mlhs": _mlhs}
+        u = makers[draw_type](n_units, base, dim, rng)
         z = _uniform_to_normal(u, dtype)
     if antithetic:
         z = torch.cat([z, -z], dim=1)

@@ -11,7 +11,7 @@ import torch
 from .data import ChoiceData, ChoiceDataError
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
-from .msl import DECREMENT_TOL, MSLProblem, maximize, newton_decrement
+from .msl import MSLProblem, maximize, polish
 from .spec import Spec
 
 METHODS = ("msl", "svi", "nuts")
@@ -187,8 +187,8 @@ class MixedLogit:
                 bar.close()
             if best is None or (np.isfinite(opt.loglik) and opt.loglik > best.loglik):
                 best = opt
-        hessian = problem.hessian(best.theta)
-        converged = best.converged or newton_decrement(best.grad, hessian) < DECREMENT_TOL
+        best, hessian = polish(problem, best, max_steps=max(0, maxiter - best.n_iter))
+        converged = best.converged
         scores = problem.scores(best.theta)
         integration_error = None
         if problem.rule.kind in DETERMINISTIC and problem.rule.coarse is not None:

@@ -28,11 +28,11 @@ def coverage(dist: str, panel: bool) -> tuple[int, int, list]:
     loc, spread = TRUTH[dist]
     covered, total, misses = 0, 0, []
     for rep in range(REPLICATIONS):
-        sim = ml.simulate(n_persons=300 if panel else 1500, n_situations=4 if panel else 1, n_alts=3,
+        sim = ml.simulate(n_persons=200 if panel else 1500, n_situations=4 if panel else 1, n_alts=3,
                           random={"x1": (dist, loc, spread)}, fixed={"x2": -1.0}, panel=panel, seed=1000 + rep)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            res = sim.model.fit(sim.data, draws=200, draw_type="sobol", seed=rep)
+            res = sim.model.fit(sim.data, draws=100, draw_type="sobol", seed=rep)
         assert res.converged, (dist, panel, rep)
         ci = res.conf_int(0.05)
         ok = (ci["lower"] <= sim.truth) & (sim.truth <= ci["upper"])
