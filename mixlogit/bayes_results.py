@@ -263,8 +263,8 @@ class BayesResults:
         else:
             what = f"NUTS ({s.get('chains')} chains x {s.get('num_samples')} draws, {s.get('num_warmup')} warmup)"
         head = [f"Mixed logit, Bayesian {what}",
-                f"units: {self.n_units}   choice situations: {self.n_obs}   parameters: {self.n_params}   "
-                f"posterior draws: {self.draws.shape[0] * self.draws.shape[1]}"]
+                (f"units: {self.n_units}   choice situations: {self.n_obs}   parameters: {self.n_params}   "
+                 f"posterior draws: {self.draws.shape[0] * self.draws.shape[1]}")]
         if self.elbo is not None and len(self.elbo):
             w = int(s.get("window", 100))
             head.append(f"ELBO (mean of the last {min(w, len(self.elbo))} steps): {np.mean(self.elbo[-w:]):.3f}")
@@ -366,7 +366,7 @@ class BayesResults:
         return path
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BayesResults":
+    def from_dict(cls, d: dict) -> BayesResults:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a mixlogit Bayesian results file (format {d.get('format')!r})")
         spec = Spec(**d["spec"])

@@ -92,7 +92,7 @@ def _stats_over_draws(spec: Spec, theta_draws: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         try:
             return torch.func.vmap(lambda t: coefficient_stats(spec, t))(th).numpy()
-        except Exception:  # a transform that vmap cannot batch: one draw at a time
+        except (RuntimeError, NotImplementedError, ValueError):  # a transform vmap cannot batch: one at a time
             return np.stack([coefficient_stats(spec, t).numpy() for t in th])
 
 
@@ -346,7 +346,7 @@ def bayes_to_arviz(res, data: ChoiceData | None = None, n: int | None = None, lo
     """
     import xarray as xr
 
-    from .bayes_results import SVISampler, StoredSampler
+    from .bayes_results import StoredSampler, SVISampler
 
     if log_likelihood not in ("marginal", "conditional"):
         raise ValueError(f"unknown log_likelihood {log_likelihood!r}; accepted: marginal, conditional")

@@ -30,6 +30,7 @@ import copy
 import math
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pyro.distributions as pdist
 import torch
@@ -213,7 +214,7 @@ class IndependentPriors(pdist.TorchDistribution):
     call per family rather than one per element.
     """
 
-    arg_constraints: dict = {}
+    arg_constraints: ClassVar[dict] = {}
     has_rsample = False
 
     def __init__(self, priors: list[Prior], dtype=torch.float64, validate_args=None, center=None, scale=None):
@@ -271,7 +272,7 @@ class IndependentPriors(pdist.TorchDistribution):
             total = total + batched.log_prob(value[..., idx]).sum(-1)
         return total
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         shape = tuple(sample_shape) + tuple(self.batch_shape)
         out = torch.empty(shape + (len(self.priors),), dtype=self._dtype)
         with torch.no_grad():

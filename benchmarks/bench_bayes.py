@@ -1,0 +1,159 @@
+"""Bayesian estimation: speed and accuracy of SVI against MSL, NUTS against SVI, calibration, and scale.
+
+Default: spec E1 on Train's electricity data (six normal coefficients, panel by id), MSL at 1000 Halton draws
+and SVI (full-rank guide) side by side in this process; prints wall times, their ratio (MSL / SVI), each
+posterior mean against the MSL estimate in MSL standard errors, and ``az.loo`` (elpd, Pareto-k table).
+
+    python benchmarks/bench_bayes.py [--guide fullrank] [--repeats 1]
+    python benchmarks/bench_bayes.py --nuts          # simulated panel of 200 persons: NUTS vs SVI
+    python benchmarks/bench_bayes.py --calibration   # coverage of 90% intervals over 30 replications
+    python benchmarks/bench_bayes.py --scale         # minibatch SVI on 100,000 persons x 10 situations
+
+Timings depend on the machine's load: both estimators of a comparison run in the same process, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import warnings
+
+import numpy as np
+
+import mixlogit as ml
+
+COLS = ["pf", "cl", "loc", "wk", "tod", "seas"]
+TRUTH = {"x1": ("normal", 1.0, 0.7), "x2": ("normal", -0.5, 0.5)}
+
+
+def electricity(args):
+    import arviz as az
+
+    from mixlogit.diagnostics import loo_table
+
+    df = ml.datasets.load_electricity()
+    data = ml.ChoiceData.from_long(df, choice="choice", alt="alt", situation="chid", panel="id")
+    model = ml.MixedLogit(random={c: "normal" for c in COLS})
+    t_msl, t_svi = [], []
+    for _ in range(args.repeats):  # interleaved, so both see the same machine state
+        t = time.perf_counter()
+        msl = model.fit(data, draws=1000)
+        t_msl.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        svi = model.fit(data, method="svi", guide=args.guide, seed=args.seed)
+        t_svi.append(time.perf_counter() - t)
+    tm, ts = float(np.median(t_msl)), float(np.median(t_svi))
+    print(f"E1 electricity: MSL (1000 Halton draws) {tm:.2f} s, SVI ({args.guide}) {ts:.2f} s, "
+          f"ratio MSL/SVI {tm / ts:.2f}; SVI {svi.n_iter} steps, converged {svi.converged}")
+    print(f"MSL LL {msl.loglik:.3f}")
+    z = (svi.params - msl.params) / msl.bse
+    print(f"{'param':>8} {'MSL':>9} {'se':>7} {'SVI mean':>9} {'SVI sd':>7} {'z':>6}")
+    for name in msl.param_names:
+        print(f"{name:>8} {msl.params[name]:>9.3f} {msl.bse[name]:>7.3f} {svi.params[name]:>9.3f} "
+              f"{svi.bse[name]:>7.3f} {z[name]:>6.2f}")
+    print(f"max |z| = {z.abs().max():.2f} (all within 2 MSL se: {bool((z.abs() < 2).all())})")
+    idata = svi.to_arviz(n=1000)
+    est, kt = loo_table(idata)
+    print(f"az.loo (marginal log-likelihood per person): elpd_loo {est.loc['elpd_loo', 'value']:.2f} "
+          f"(se {est.loc['se', 'value']:.2f}), p_loo {est.loc['p_loo', 'value']:.2f}")
+    print(kt.to_string())
+    msl_loo = az.loo(ml_to_arviz(msl, data))
+    print(f"MSL (asymptotic normal draws) elpd_loo {float(msl_loo.elpd_loo):.2f}")
+
+
+def ml_to_arviz(res, data):
+    from mixlogit.diagnostics import msl_to_arviz
+
+    return msl_to_arviz(res, data=data, n=1000)
+
+
+def nuts(args):
+    sim = ml.simulate(n_persons=200, n_situations=10, n_alts=3, random=TRUTH, fixed={"x3": 0.8}, seed=1)
+    data = sim.data
+    t = time.perf_counter()
+    res = sim.model.fit(data, method="nuts", num_samples=args.num_samples, num_warmup=args.num_samples, chains=2,
+                        seed=args.seed)
+    tn = time.perf_counter() - t
+    t = time.perf_counter()
+    svi = sim.model.fit(data, method="svi", seed=args.seed)
+    tsv = time.perf_counter() - t
+    frame = res.summary_frame()
+    print(f"NUTS, 200 persons x 10 situations, 2 chains x {args.num_samples} draws: {tn:.1f} s; SVI {tsv:.1f} s")
+    print(f"divergences: {int(res.sample_stats['diverging'].sum())}, max r_hat: {frame['r_hat'].max():.4f}, "
+          f"min ess_bulk: {frame['ess_bulk'].min():.0f}, tree depth: {np.bincount(res.sample_stats['tree_depth'].ravel())}")
+    diff = (svi.params - res.params) / res.bse
+    print(f"{'param':>6} {'truth':>7} {'NUTS':>8} {'sd':>6} {'SVI':>8} {'sd':>6} {'(SVI-NUTS)/sd':>14}")
+    for name in res.param_names:
+        print(f"{name:>6} {sim.truth[name]:>7.3f} {res.params[name]:>8.3f} {res.bse[name]:>6.3f} "
+              f"{svi.params[name]:>8.3f} {svi.bse[name]:>6.3f} {diff[name]:>14.2f}")
+
+
+def _coverage(method, reps, n_persons, n_situations, level, **kw):
+    hits = []
+    for r in range(reps):
+        sim = ml.simulate(n_persons=n_persons, n_situations=n_situations, n_alts=3, random=TRUTH,
+                          fixed={"x3": 0.8}, seed=1000 + r)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = sim.model.fit(sim.data, method=method, seed=r, **kw)
+        ci = res.conf_int(alpha=1 - level)
+        hits.append([bool(ci.loc[n, "lower"] <= sim.truth[n] <= ci.loc[n, "upper"]) for n in res.param_names])
+    return np.array(hits), res.param_names
+
+
+def calibration(args):
+    for label, method, kw in (("SVI full-rank", "svi", {"guide": "fullrank", "steps": 400}),
+                              ("NUTS", "nuts", {"num_samples": 200, "num_warmup": 200, "chains": 1})):
+        t = time.perf_counter()
+        hits, names = _coverage(method, args.reps, 60, 5, 0.9, **kw)
+        means = hits[:, [names.index("x1"), names.index("x2")]]
+        print(f"{label}: {args.reps} replications (60 persons x 5 situations), 90% intervals, {time.perf_counter() - t:.0f} s")
+        print("  coverage per parameter: " + ", ".join(f"{n} {c:.2f}" for n, c in zip(names, hits.mean(0))))
+        print(f"  population means (x1, x2): {means.mean():.3f}; all parameters: {hits.mean():.3f}")
+
+
+def scale(args):
+    t = time.perf_counter()
+    sim = ml.simulate(n_persons=100_000, n_situations=10, n_alts=3, random=TRUTH, fixed={"x3": 0.8}, seed=3)
+    data = sim.data
+    t_data = time.perf_counter() - t
+    t = time.perf_counter()
+    res = sim.model.fit(data, method="svi", guide=args.guide, subsample=args.subsample, seed=args.seed)
+    t_fit = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    err = (res.params - sim.truth).abs()
+    print(f"minibatch SVI ({args.guide}, subsample {args.subsample}) on 100,000 persons x 10 situations: data "
+          f"{t_data:.1f} s, fit {t_fit:.1f} s ({res.n_iter} steps, converged {res.converged}); "
+          f"peak RSS {peak:.2f} GiB")
+    for name in res.param_names:
+        print(f"{name:>6} truth {sim.truth[name]:>7.3f}  posterior mean {res.params[name]:>7.4f} "
+              f"(sd {res.bse[name]:.4f})  |error| {err[name]:.4f}")
+    means = [n for n in res.param_names if not n.startswith("sd.")]
+    print(f"max |error| of the population means {err[means].max():.4f} (< 0.05: {bool(err[means].max() < 0.05)})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nuts", action="store_true")
+    ap.add_argument("--calibration", action="store_true")
+    ap.add_argument("--scale", action="store_true")
+    ap.add_argument("--guide", default="fullrank")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=30, help="calibration replications")
+    ap.add_argument("--num-samples", type=int, default=500, help="NUTS draws (and warmup) per chain")
+    ap.add_argument("--subsample", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.nuts:
+        nuts(args)
+    elif args.calibration:
+        calibration(args)
+    elif args.scale:
+        scale(args)
+    else:
+        electricity(args)
+
+
+if __name__ == "__main__":
+    main()
