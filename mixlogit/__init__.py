@@ -7,7 +7,9 @@
 """
 
 from . import datasets
+from .bayes_results import BayesResults
 from .data import ChoiceData, ChoiceDataError, wide_to_long
+from .diagnostics import heterogeneity, plot_heterogeneity, to_arviz
 from .distributions import DISTRIBUTION_NAMES
 from .draws import DRAW_TYPES
 from .model import MixedLogit
@@ -16,5 +18,6 @@ from .simulate import simulate
 
 __version__ = "0.1.0"
 
-__all__ = ["DISTRIBUTION_NAMES", "DRAW_TYPES", "ChoiceData", "ChoiceDataError", "MixedLogit", "MixedLogitResults",
-           "datasets", "load", "simulate", "wide_to_long"]
+__all__ = ["DISTRIBUTION_NAMES", "DRAW_TYPES", "BayesResults", "ChoiceData", "ChoiceDataError", "MixedLogit",
+           "MixedLogitResults", "datasets", "heterogeneity", "load", "plot_heterogeneity", "simulate", "to_arviz",
+           "wide_to_long"]

@@ -261,6 +261,13 @@ class MixedLogitResults:
         val, se = delta_method(fn, self.theta, self._raw_cov())
         return pd.DataFrame({"estimate": val, "std.err": se}, index=["mean", "sd"])
 
+    def to_arviz(self, data: ChoiceData | None = None, n: int = 1000, seed: int = 0, **kwargs):
+        """arviz.InferenceData with ``n`` draws from the asymptotic normal of the estimates (and, given ``data``,
+        per-unit log-likelihoods), so MSL and Bayesian fits are compared with the same ArviZ tools."""
+        from .diagnostics import msl_to_arviz
+
+        return msl_to_arviz(self, data, n=n, seed=seed, **kwargs)
+
     def _raw_cov(self) -> np.ndarray:
         f = self._flip
         return self.cov.to_numpy() * np.outer(f, f)
