@@ -19,7 +19,7 @@ and the priors on ``sd.x`` are priors on marginal standard deviations.
 Coordinates. All population parameters form one sample site ``"globals"``, whitened with a pilot estimate:
 ``[fixed, loc, log sd, correlations] = center + W u``, with ``W W'`` the (delta-method) inverse outer product of
 the pilot's per-unit scores, so that the posterior of ``u`` is close to N(0, I): one learning rate and NUTS's
-diagonal mass matrix fit every parameter. The pilot is an MNL fit refined by a short MSL fit (100 Halton draws,
+diagonal mass matrix fit every parameter. The pilot is an MNL fit refined by a short MSL fit (200 Halton draws,
 loose tolerance, at most 2000 units); each unit then gets its Laplace approximation (mode ``a_n``, covariance
 ``V_n``, and the slope ``B_n = dz_n*/du`` of the mode in the globals, by the implicit function theorem).
 
@@ -40,7 +40,8 @@ Guides (``guide=``), each with a full-covariance Gaussian per unit:
 SVI minimizes the negative ELBO (``TraceMeanField_ELBO``: analytic KL terms for the units) with Adam, the
 population parameters at 5 x ``learning_rate``, the learning rate decaying 0.7x per window of steps to a tenth;
 it stops at the first window (after five) whose average ELBO does not beat the previous one by more than ``tol``
-(relative) or twice the noise of the averages. A NaN ELBO stops the run with the best parameters so far.
+(relative) or twice the noise of the averages, and over which the window-averaged population parameters moved
+less than 0.1 posterior sd. A NaN ELBO stops the run with the best parameters so far.
 NUTS (Pyro) samples ``u`` and ``e_n`` with ``z_n = a_n + B_n (u - u_0) + chol(V_n) e_n`` (see
 :class:`_LaplaceCoordinates`), chains one after the other, each after the first from a jittered start.
 """
@@ -82,6 +83,8 @@ INITS = ("msl", "mnl")
 GLOBAL_LR_FACTOR = 5.0
 #: Per-window decay of the learning rate, its floor (relative), and the fewest windows before stopping.
 LR_DECAY, LR_FLOOR, MIN_WINDOWS = 0.7, 0.1, 5
+#: Largest move of the window-averaged population parameters (whitened: posterior sds) that counts as converged.
+MAX_DRIFT = 0.1
 #: Largest number of elements of a temporary (units x draws x K x K) tensor when drawing from a guide.
 CHUNK_ELEMENTS = 2**22
 
@@ -642,7 +645,7 @@ def initialize(model, data: ChoiceData, hm: HierarchicalMixedLogit, *, how: str,
                init_units: int, slopes: bool = True) -> Init:
     """Starting values, and the preconditioner it sets on ``hm``.
 
-    An MNL fit (``how="mnl"``), refined by a pilot MSL fit with ``init_draws`` Sobol draws and a loose
+    An MNL fit (``how="mnl"``), refined by a pilot MSL fit with ``init_draws`` Halton draws and a loose
     tolerance on at most ``init_units`` units (``how="msl"``). Standard errors from the outer product of the
     pilot's per-unit scores (scaled to all N units) standardize the global sites. Then each unit's Laplace
     approximation of ``p(z_n | y_n, globals)`` (see :func:`_unit_laplace`).
@@ -819,8 +822,8 @@ def fit(model, data: ChoiceData, method: str = "svi", **kwargs):
     standardized population parameters take 5x), ``seed=0``, ``priors=None`` (see :mod:`mixlogit.priors`),
     ``progress=False``, ``init="msl"`` (pilot MSL start) or ``"mnl"``, ``tol=1e-4`` (relative change of the
     windowed ELBO that counts as converged), ``window=None`` (steps per ELBO window, default
-    ``clip(steps // 30, 50, 100)``, fewer when ``steps`` is small), ``num_draws=4000`` (posterior draws kept), ``init_draws=100``,
-    ``init_units=2000`` (draws and units of the pilot fit), ``num_particles=1`` (ELBO particles per step,
+    ``clip(steps // 30, 50, 100)``, fewer when ``steps`` is small), ``num_draws=4000`` (posterior draws kept),
+    ``init_draws=200``, ``init_units=2000`` (draws and units of the pilot fit), ``num_particles=1`` (ELBO particles per step,
     vectorized).
 
     NUTS keywords: ``num_samples=1000``, ``num_warmup=1000``, ``chains=2``, ``seed=0``, ``priors=None``,
@@ -863,7 +866,7 @@ class _SnapshotState:
 
 
 def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning_rate=0.01, seed=0, priors=None,
-             progress=False, init="msl", tol=1e-4, window=None, num_draws=4000, init_draws=100, init_units=2000,
+             progress=False, init="msl", tol=1e-4, window=None, num_draws=4000, init_draws=200, init_units=2000,
              num_particles=1):
     t0 = time.perf_counter()
     steps = _check_int("steps", steps)
@@ -912,7 +915,8 @@ def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning
                 groups.append({"params": local_params, "base_lr": learning_rate})
             opt = torch.optim.Adam([{**gr, "lr": gr["base_lr"]} for gr in groups])
             trace, best = [], _SnapshotState(g)
-            converged, message, windows = False, "", []
+            converged, message, windows, centers = False, "", [], []
+            center_sum = torch.zeros(hm.dim, dtype=torch.float64)
             bar = _progress(progress, steps)
             for step in range(1, steps + 1):
                 opt.zero_grad(set_to_none=True)
@@ -928,12 +932,15 @@ def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning
                 torch.nn.utils.clip_grad_norm_(params, 100.0 * math.sqrt(len(params)))
                 opt.step()
                 trace.append(-value)
+                center_sum += g.globals.loc.detach()
                 if bar:
                     bar.update(1)
                 if step % window:
                     continue
                 mean = float(np.mean(trace[-window:]))
                 windows.append(mean)
+                centers.append(center_sum / window)
+                center_sum = torch.zeros_like(center_sum)
                 if bar:
                     bar.set_postfix(elbo=f"{mean:.1f}")
                 if mean > best.elbo:
@@ -942,10 +949,13 @@ def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning
                 decay = max(LR_FLOOR, LR_DECAY ** len(windows))
                 for group in opt.param_groups:
                     group["lr"] = group["base_lr"] * decay
-                if len(windows) >= MIN_WINDOWS and _plateau(windows, trace, window, tol):
+                # Converged: the windowed ELBO stopped improving and the population parameters stopped moving
+                # (their window averages, on the whitened scale where a posterior sd is about one).
+                drift = float((centers[-1] - centers[-2]).abs().max()) if len(centers) > 1 else math.inf
+                if len(windows) >= MIN_WINDOWS and drift < MAX_DRIFT and _plateau(windows, trace, window, tol):
                     converged = True
-                    message = (f"ELBO converged after {step} steps (no improvement beyond {tol:g} relative or the "
-                               f"noise of a {window}-step average)")
+                    message = (f"converged after {step} steps (windowed ELBO: no improvement beyond {tol:g} "
+                               f"relative or its noise; population parameters moved < {MAX_DRIFT} posterior sd)")
                     break
             if bar:
                 bar.close()
@@ -1024,7 +1034,7 @@ class _NUTS(pyro.infer.NUTS):
 
 
 def _fit_nuts(model, data, num_samples=1000, num_warmup=1000, chains=2, seed=0, priors=None, progress=False,
-              init="msl", target_accept=0.8, max_tree_depth=10, init_draws=100, init_units=2000):
+              init="msl", target_accept=0.8, max_tree_depth=10, init_draws=200, init_units=2000):
     from pyro.infer import MCMC
 
     t0 = time.perf_counter()
