@@ -3,7 +3,6 @@ ArviZ export, individual-level estimates and a JSON save/load round trip."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +11,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .persistence import write_json
+from .results import BAYES_FORMAT
 from .spec import Spec
 
-FORMAT = "mixlogit.bayes_results"
+FORMAT = BAYES_FORMAT
 FORMAT_VERSION = 1
 #: Largest number of individual coefficient draws (draws x units x coefficients) returned by default.
 MAX_INDIVIDUAL_ELEMENTS = 20_000_000
@@ -356,14 +357,7 @@ class BayesResults:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the results as JSON (population draws, individual-level means and sds, ELBO trace, sample
         statistics, settings). Refuses to replace an existing file unless ``overwrite=True``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict(), overwrite=overwrite)
 
     @classmethod
     def from_dict(cls, d: dict) -> BayesResults:
@@ -375,19 +369,6 @@ class BayesResults:
                    unit_labels=d["unit_labels"], elbo=d["elbo"], sample_stats=d["sample_stats"],
                    converged=d["converged"], message=d["message"], n_iter=d["n_iter"], settings=d["settings"],
                    priors=d["priors"], fit_time=d["fit_time"], n_obs=d["n_obs"], n_units=d["n_units"])
-
-
-def load(path: str | os.PathLike):
-    """Read results written by :meth:`BayesResults.save` or :meth:`MixedLogitResults.save` (by their format)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    d = json.loads(path.read_text())
-    if d.get("format") == FORMAT:
-        return BayesResults.from_dict(d)
-    from .results import MixedLogitResults
-
-    return MixedLogitResults.from_dict(d)
 
 
 def _jsonable(v):

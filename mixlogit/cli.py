@@ -179,8 +179,8 @@ def cmd_fit(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .bayes_results import load as load_any
     from .diagnostics import write_report
+    from .results import load as load_any
 
     folder = Path(args.results_dir)
     path = folder / "results.json"

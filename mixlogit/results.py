@@ -3,7 +3,6 @@ and an exact save/load round trip."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -17,10 +16,13 @@ from scipy import stats
 from .data import ChoiceData
 from .kernel import choice_probabilities, posterior_draw_weights
 from .moments import coefficient_mean_sd, delta_method
+from .persistence import read_json, write_json
 from .spec import Spec
 
 FORMAT = "mixlogit.results"
 FORMAT_VERSION = 1
+#: The format field of Bayesian results files (:mod:`mixlogit.bayes_results`), which :func:`load` also reads.
+BAYES_FORMAT = "mixlogit.bayes_results"
 
 
 def _safe_inverse(neg_hessian: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -395,14 +397,7 @@ class MixedLogitResults:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the results as JSON (exact: floats are written with full precision). Refuses to replace an
         existing file unless ``overwrite=True``."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict(), overwrite=overwrite, indent=1)
 
     @classmethod
     def from_dict(cls, d: dict) -> MixedLogitResults:
@@ -416,12 +411,15 @@ class MixedLogitResults:
                    fit_time=d["fit_time"])
 
 
-def load(path: str | os.PathLike) -> MixedLogitResults:
-    """Read results written by :meth:`MixedLogitResults.save`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    return MixedLogitResults.from_dict(json.loads(path.read_text()))
+def load(path: str | os.PathLike):
+    """Read results written by ``save``: :class:`MixedLogitResults` (MSL) or
+    :class:`~mixlogit.bayes_results.BayesResults` (SVI, NUTS), told apart by the file's format field."""
+    d = read_json(path)
+    if d.get("format") == BAYES_FORMAT:
+        from .bayes_results import BayesResults
+
+        return BayesResults.from_dict(d)
+    return MixedLogitResults.from_dict(d)
 
 
 def _jsonable(v):

@@ -7,6 +7,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # One intra-op thread: the suite's problems are small, and on a loaded 2-core machine two threads per process
 # were measured 5-10x slower than one (oversubscription), so one thread keeps the suite's time predictable.
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

@@ -16,8 +16,8 @@ import torch
 from scipy import stats
 
 import mixlogit as ml
-from mixlogit import bayes
-from mixlogit.bayes_results import BayesResults, load
+from mixlogit import bayes, load
+from mixlogit.bayes_results import BayesResults
 from mixlogit.cli import main
 from mixlogit.priors import IndependentPriors, Prior, PriorError, parse_prior, resolve_priors
 
@@ -226,6 +226,10 @@ def test_save_load_round_trip(tmp_path, svi):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         svi.save(path)
     assert "posterior" in back.to_arviz().groups()
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="notes.txt is not a mixlogit results file"):
+        load(bad)
 
 
 @pytest.mark.parametrize("guide", ["meanfield", "amortized"])

@@ -9,8 +9,8 @@ import sys
 from collections import defaultdict
 from types import SimpleNamespace
 
-import pytest
 import mpmath
+import pytest
 import torch
 import torch.nn.functional as F
 
