@@ -443,6 +443,19 @@ def _density_on_grid(spec: Spec, theta: np.ndarray, k: int, x: np.ndarray) -> tu
     return np.interp(x, bb[order], dens[order], left=0.0, right=0.0), mass0
 
 
+def _panel_grid(n: int):
+    """A figure with ``n`` panels, up to three per row; returns the figure and its ``n`` axes in order."""
+    # Imported here: matplotlib is needed only for plots, and the Agg canvas draws without a display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(n)]
+
+
 def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 200, seed: int = 0,
                        level: float = 0.9) -> dict[str, Path]:
     """Write the heterogeneity plots as PNG files into ``out_dir`` and return their paths.
@@ -466,12 +479,8 @@ def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 20
     K = spec.n_random
     names = spec.random_names
     if K:
-        cols = min(3, K)
-        rows = math.ceil(K / cols)
-        fig = Figure(figsize=(4.2 * cols, 3.2 * rows), constrained_layout=True)
-        FigureCanvasAgg(fig)
-        for k, name in enumerate(names):
-            ax = fig.add_subplot(rows, cols, k + 1)
+        fig, axes = _panel_grid(K)
+        for k, (name, ax) in enumerate(zip(names, axes)):
             with torch.no_grad():
                 q = _marginal_transform(spec, torch.as_tensor(center), k,
                                         torch.tensor([-3.0, 3.0], dtype=torch.float64)).numpy()
@@ -514,12 +523,8 @@ def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 20
         elif data is not None:
             ind = res.individual(data)
     if ind is not None:
-        cols = min(3, K)
-        rows = math.ceil(K / cols)
-        fig = Figure(figsize=(4.2 * cols, 3.2 * rows), constrained_layout=True)
-        FigureCanvasAgg(fig)
-        for k, name in enumerate(names):
-            ax = fig.add_subplot(rows, cols, k + 1)
+        fig, axes = _panel_grid(K)
+        for k, (name, ax) in enumerate(zip(names, axes)):
             v = ind[name].to_numpy()
             ax.hist(v, bins=min(40, max(10, len(v) // 10)), density=True, alpha=0.5,
                     label="individual posterior means")

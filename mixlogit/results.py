@@ -166,21 +166,20 @@ class MixedLogitResults:
     # ------------------------------------------------------------------ random coefficients
     def random_cov(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Covariance matrix of the correlated random coefficients and its delta-method standard errors."""
-        names = self.spec.correlated
-        if not names:
-            raise ValueError("the model has no correlated random coefficients (use correlated=True or a list)")
-        k = len(names)
-
-        def fn(th):
-            L = self.spec.cholesky(th)
-            return (L @ L.T).reshape(-1)
-
-        val, se = delta_method(fn, self.theta, self._raw_cov())
-        return (pd.DataFrame(val.reshape(k, k), index=names, columns=names),
-                pd.DataFrame(se.reshape(k, k), index=names, columns=names))
+        return self._correlated_matrix(lambda c: c)
 
     def random_corr(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Correlation matrix of the correlated random coefficients and its delta-method standard errors."""
+
+        def corr(c):
+            d = torch.sqrt(torch.diagonal(c))
+            return c / torch.outer(d, d)
+
+        return self._correlated_matrix(corr)
+
+    def _correlated_matrix(self, of_cov) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``of_cov(L L')`` (a (k, k) function of the covariance of the correlated block) and its delta-method
+        standard errors, as (k, k) frames labelled by coefficient."""
         names = self.spec.correlated
         if not names:
             raise ValueError("the model has no correlated random coefficients (use correlated=True or a list)")
@@ -188,9 +187,7 @@ class MixedLogitResults:
 
         def fn(th):
             L = self.spec.cholesky(th)
-            c = L @ L.T
-            d = torch.sqrt(torch.diagonal(c))
-            return (c / torch.outer(d, d)).reshape(-1)
+            return of_cov(L @ L.T).reshape(-1)
 
         val, se = delta_method(fn, self.theta, self._raw_cov())
         return (pd.DataFrame(val.reshape(k, k), index=names, columns=names),
