@@ -101,6 +101,11 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+def _log_parameter(value: float, dtype: torch.dtype) -> nn.Parameter:
+    """A positive parameter trained as its log, so that no optimizer step can leave the domain."""
+    return nn.Parameter(torch.tensor(math.log(value), dtype=dtype))
+
+
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -266,11 +271,14 @@ class Strength(nn.Module):
                 f"integrator={self.integrator!r}, nodes={self.nodes}")
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def _mean_or_location(self, name: str, value, mean, fix_mean: bool, dtype) -> float | None:
+    def _initial_location(self, name: str, value, mean, fix_mean: bool, dtype, *, check,
+                          from_mean) -> float | None:
         """Shared handling of ``mean=`` / ``fix_mean=`` against the family's location parameter ``name``.
 
-        Returns E[beta] to derive the location from (default 0.1), or None when ``name`` itself is given; with
-        ``fix_mean`` the mean is registered as the buffer ``target_mean`` and the location is derived from it.
+        Returns the location's initial value: ``check(name, value)`` when ``name`` itself is given, else
+        ``from_mean(E[beta])`` (default E[beta] 0.1). With ``fix_mean`` it returns None: the mean is
+        registered as the buffer ``target_mean`` and the family derives its location from it, so there is no
+        location to learn.
         """
         if value is not None and mean is not None:
             raise ValueError(f"give either {name} or mean (E[beta]) for {type(self).__name__}, not both")
@@ -278,11 +286,12 @@ class Strength(nn.Module):
             raise ValueError(f"fix_mean=True pins E[beta]: pass mean=..., not {name}=...")
         self.fix_mean = bool(fix_mean)
         if value is not None:
-            return None
+            return check(name, value)
         mean = _positive("mean", 0.1 if mean is None else mean)
         if self.fix_mean:
             self.register_buffer("target_mean", torch.tensor(mean, dtype=dtype))
-        return mean
+            return None
+        return from_mean(mean)
 
     def _register_normal_rule(self):
         rule = deterministic_rule(self.integrator, self.nodes, 1)
@@ -397,10 +406,10 @@ class LogNormalStrength(Strength):
                  dtype: torch.dtype = torch.float64):
         super().__init__(integrator, nodes, seed, generator)
         sigma = _positive("sigma", sigma)
-        mean = self._mean_or_location("mu", mu, mean, fix_mean, dtype)
-        self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma), dtype=dtype))
-        if not self.fix_mean:
-            mu = math.log(mean) - 0.5 * sigma**2 if mu is None else _finite("mu", mu)
+        mu = self._initial_location("mu", mu, mean, fix_mean, dtype, check=_finite,
+                                    from_mean=lambda m: math.log(m) - 0.5 * sigma**2)
+        self.log_sigma = _log_parameter(sigma, dtype)
+        if mu is not None:
             self.mu = nn.Parameter(torch.tensor(mu, dtype=dtype))
         if integrator in DETERMINISTIC_INTEGRATORS:
             self._register_normal_rule()
@@ -495,11 +504,11 @@ class GammaStrength(Strength):
                  dtype: torch.dtype = torch.float64):
         super().__init__(integrator, nodes, seed, generator)
         shape = _positive("shape", shape)
-        mean = self._mean_or_location("rate", rate, mean, fix_mean, dtype)
-        self.log_shape = nn.Parameter(torch.tensor(math.log(shape), dtype=dtype))
-        if not self.fix_mean:
-            rate = shape / mean if rate is None else _positive("rate", rate)
-            self.log_rate = nn.Parameter(torch.tensor(math.log(rate), dtype=dtype))
+        rate = self._initial_location("rate", rate, mean, fix_mean, dtype, check=_positive,
+                                      from_mean=lambda m: shape / m)
+        self.log_shape = _log_parameter(shape, dtype)
+        if rate is not None:
+            self.log_rate = _log_parameter(rate, dtype)
         if integrator == "quadrature":
             self._register_normal_rule()
             self._quantile_cache: dict = {}
