@@ -40,17 +40,6 @@ def opted_in(request):
         pytest.skip("opt-in: run with `pytest -m smollm2` or MIXDPO_TEST_SMOLLM2=1")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Spinning OpenMP threads are far slower than one thread when the 2 cores are shared with other work.
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_smollm2_lora_mixdpo_steps(tmp_path):
     pytest.importorskip("gguf")
     import torch

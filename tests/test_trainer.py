@@ -28,15 +28,6 @@ from alignment.trainer import MixDPOConfig, MixDPOTrainer
 disable_progress_bar()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # A tiny model gains nothing from intra-op threads, and spinning threads are slow on a loaded 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def task():
     ds = synthetic.pluralistic_task(48, groups=3, heterogeneity=1.0, seed=0)
