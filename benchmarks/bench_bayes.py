@@ -6,6 +6,7 @@ posterior mean against the MSL estimate in MSL standard errors, and ``az.loo`` (
 
     python benchmarks/bench_bayes.py [--guide fullrank] [--repeats 1]
     python benchmarks/bench_bayes.py --nuts          # simulated panel of 200 persons: NUTS vs SVI
+    python benchmarks/bench_bayes.py --e1-nuts       # E1 by NUTS: posterior sds against MSL's SEs and SVI's
     python benchmarks/bench_bayes.py --calibration [--reps 30 --persons 60 --situations 5 --methods svi nuts]
     python benchmarks/bench_bayes.py --scale         # minibatch SVI on 100,000 persons x 10 situations
 
@@ -32,9 +33,7 @@ def electricity(args):
 
     from mixlogit.diagnostics import loo_table
 
-    df = ml.datasets.load_electricity()
-    data = ml.ChoiceData.from_long(df, choice="choice", alt="alt", situation="chid", panel="id")
-    model = ml.MixedLogit(random={c: "normal" for c in COLS})
+    data, model = _e1()
     _warm_up_torch_optim()
     t_msl, t_svi = [], []
     for _ in range(args.repeats):  # interleaved, so both see the same machine state
@@ -61,6 +60,32 @@ def electricity(args):
     print(kt.to_string())
     msl_loo = az.loo(ml_to_arviz(msl, data))
     print(f"MSL (asymptotic normal draws) elpd_loo {float(msl_loo.elpd_loo):.2f}")
+
+
+def _e1():
+    """Train's electricity data and spec E1 (six normal coefficients, panel by person)."""
+    df = ml.datasets.load_electricity()
+    data = ml.ChoiceData.from_long(df, choice="choice", alt="alt", situation="chid", panel="id")
+    return data, ml.MixedLogit(random={c: "normal" for c in COLS})
+
+
+def electricity_nuts(args):
+    """E1 by NUTS, the reference for the uncertainty of the spreads, against MSL's standard errors and SVI."""
+    data, model = _e1()
+    msl = model.fit(data, draws=1000)
+    t = time.perf_counter()
+    res = model.fit(data, method="nuts", num_samples=args.num_samples, num_warmup=args.num_samples, chains=2,
+                    seed=args.seed)
+    tn = time.perf_counter() - t
+    svi = model.fit(data, method="svi", guide=args.guide, seed=args.seed)
+    frame = res.summary_frame()
+    print(f"E1 by NUTS, 2 chains x {args.num_samples} draws: {tn:.0f} s; divergences "
+          f"{int(res.sample_stats['diverging'].sum())}, max r_hat {frame['r_hat'].max():.4f}, "
+          f"min ess_bulk {frame['ess_bulk'].min():.0f}")
+    print(f"{'param':>8} {'MSL':>8} {'se':>6} {'NUTS':>8} {'sd':>6} {'sd/se':>6} {'SVI':>8} {'sd':>6} {'sd/se':>6}")
+    for n in msl.param_names:
+        print(f"{n:>8} {msl.params[n]:>8.3f} {msl.bse[n]:>6.3f} {res.params[n]:>8.3f} {res.bse[n]:>6.3f} "
+              f"{res.bse[n] / msl.bse[n]:>6.2f} {svi.params[n]:>8.3f} {svi.bse[n]:>6.3f} {svi.bse[n] / msl.bse[n]:>6.2f}")
 
 
 def _warm_up_torch_optim():
@@ -151,6 +176,7 @@ def scale(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nuts", action="store_true")
+    ap.add_argument("--e1-nuts", action="store_true", help="E1 by NUTS against MSL and SVI")
     ap.add_argument("--calibration", action="store_true")
     ap.add_argument("--scale", action="store_true")
     ap.add_argument("--guide", default="fullrank")
@@ -165,6 +191,8 @@ def main():
     args = ap.parse_args()
     if args.nuts:
         nuts(args)
+    elif args.e1_nuts:
+        electricity_nuts(args)
     elif args.calibration:
         calibration(args)
     elif args.scale:
