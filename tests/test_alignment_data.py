@@ -8,8 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-datasets = pytest.importorskip("datasets")
-pytest.importorskip("trl")
+import datasets
+import trl  # noqa: F401 (the data helpers target TRL's dataset formats)
 
 from alignment import data, synthetic
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import mpmath
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from mixlogit.closed_forms import (
     gamma_logistic_posterior_moments,
     log_expected_logistic_gamma,
 )
-
-mpmath = pytest.importorskip("mpmath")
 
 SHAPES = [0.2, 0.5, 1.0, 2.5, 7.0, 50.0]
 RATES = [0.01, 0.1, 1.0, 10.0, 100.0]

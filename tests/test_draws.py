@@ -65,17 +65,19 @@ def test_deterministic_rules_integrate_gaussian_moments(kind):
 
 
 def test_composite_rule_handles_a_step_that_gauss_hermite_does_not():
-    # E[sigmoid(40 z)] = 1/2 exactly; the integrand is nearly a step at 0.
+    # E[sigmoid(40 (z - 0.3))], z ~ N(0, 1): the integrand is nearly a step at 0.3.
     def est(kind, n):
         r = deterministic_rule(kind, n, 1)
         return float((torch.exp(r.log_weights) * torch.sigmoid(40 * (r.z[0, :, 0] - 0.3))).sum())
 
-    exact = float(np.mean(1 / (1 + np.exp(-40 * (np.random.default_rng(0).normal(size=4_000_000) - 0.3)))))
-    assert abs(est("quadrature", 1000) - exact) < 1e-3  # MC reference accurate to ~2.5e-4
-    err_q = abs(est("quadrature", 1000) - est("quadrature", 2000))
-    err_gh = abs(est("gauss-hermite", 20) - est("quadrature", 2000))
-    assert err_q < 1e-6
-    assert err_gh > 1e-3
+    import mpmath
+
+    with mpmath.workdps(30):
+        exact = float(mpmath.quad(lambda z: mpmath.npdf(z) / (1 + mpmath.exp(-40 * (z - mpmath.mpf("0.3")))),
+                                  [-mpmath.inf, 0.2, 0.3, 0.4, mpmath.inf]))
+    assert abs(est("quadrature", 1000) - exact) < 1e-8  # measured 3.7e-9
+    assert abs(est("quadrature", 1000) - est("quadrature", 2000)) < 1e-6  # the error estimate's size
+    assert abs(est("gauss-hermite", 20) - exact) > 0.05  # measured 0.083
 
 
 def test_two_dimensional_rules_and_errors():

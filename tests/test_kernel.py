@@ -73,5 +73,17 @@ def test_choice_probabilities_sum_to_one_and_posterior_weights():
     p = choice_probabilities(x, beta, logw, avail=avail)
     torch.testing.assert_close(p.sum(-1), torch.ones(3, 2, dtype=torch.float64))
     assert p[0, 0, 1] == 0
-    w = posterior_draw_weights(torch.tensor(rng.normal(size=(3, 50))), logw)
+    # Brute force: the average over draws of each draw's logit probabilities, unavailable alternatives excluded.
+    xn, bn, an = x.numpy(), beta.numpy(), avail.numpy()
+    brute = np.zeros((3, 2, 4))
+    for n in range(3):
+        for t in range(2):
+            for r in range(50):
+                e = np.where(an[n, t], np.exp(xn[n, t] @ bn[n, r]), 0.0)
+                brute[n, t] += e / e.sum() / 50
+    np.testing.assert_allclose(p.numpy(), brute, rtol=1e-12, atol=1e-15)
+    ll = torch.tensor(rng.normal(size=(3, 50)))
+    w = posterior_draw_weights(ll, logw)
     torch.testing.assert_close(w.sum(-1), torch.ones(3, dtype=torch.float64))
+    expected = np.exp(ll.numpy()) / np.exp(ll.numpy()).sum(-1, keepdims=True)  # equal weights cancel
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-12)

@@ -13,10 +13,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-
+import datasets
+import torch
 from datasets.utils.logging import disable_progress_bar
 from trl import DPOConfig, DPOTrainer
 
