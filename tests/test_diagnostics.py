@@ -59,10 +59,20 @@ def test_uniform_triangular_censored_truncated_shares():
     _, st = _stats({"a": "triangular"}, [0.5, 2.0])  # mode 0.5 on [-1.5, 2.5]: P(beta<0) = 1.5^2 / (2 * 2^2)
     assert st[0, 3] == pytest.approx(1.5**2 / 8.0, abs=1e-5)
     assert st[0, 1] == pytest.approx(2.0 / math.sqrt(6), rel=1e-5)
-    _, st = _stats({"a": "censored_normal"}, [-0.5, 1.0])  # mean > 0 (mass at zero), no negative values
-    assert st[0, 0] > 0 and st[0, 3] == 0.0
-    _, st = _stats({"a": "truncated_normal"}, [-0.5, 1.0])
-    assert st[0, 3] == 0.0 and st[0, 4] > 0
+    # Censored: beta = max(0, N(-0.5, 1)); mean mu Phi(mu) + phi(mu), E[beta^2] = (mu^2 + 1) Phi(mu) + mu phi(mu).
+    mu = -0.5
+    _, st = _stats({"a": "censored_normal"}, [mu, 1.0])
+    mean = mu * stats.norm.cdf(mu) + stats.norm.pdf(mu)
+    var = (mu**2 + 1.0) * stats.norm.cdf(mu) + mu * stats.norm.pdf(mu) - mean**2
+    assert st[0, 0] == pytest.approx(mean, rel=1e-5) and st[0, 1] == pytest.approx(math.sqrt(var), rel=1e-5)
+    assert st[0, 3] == 0.0  # no negative values; the mass at zero is not the opposite sign
+    np.testing.assert_allclose(st[0, 4:], [0.0, 0.0, mu + stats.norm.ppf(0.95)], atol=1e-6)
+    # Truncated: N(-0.5, 1) conditioned on beta > 0 (scipy's truncnorm).
+    _, st = _stats({"a": "truncated_normal"}, [mu, 1.0])
+    tn = stats.truncnorm(-mu, np.inf, loc=mu, scale=1.0)
+    assert st[0, 0] == pytest.approx(tn.mean(), rel=1e-5) and st[0, 1] == pytest.approx(tn.std(), rel=1e-5)
+    assert st[0, 3] == 0.0
+    np.testing.assert_allclose(st[0, 4:], tn.ppf([0.05, 0.5, 0.95]), rtol=1e-5)
 
 
 def test_correlated_coefficient_uses_its_marginal():
@@ -103,6 +113,8 @@ def test_msl_heterogeneity_delta_method_reproduces_bse(msl_fit):
     assert het.loc["x1", "sd"] == pytest.approx(res.params["sd.x1"], rel=1e-6)
     assert het.loc["x1", "sd.hi"] - het.loc["x1", "sd"] == pytest.approx(q * res.bse["sd.x1"], rel=1e-5)
     assert 0 <= het.loc["x1", "share_opposite.lo"] <= het.loc["x1", "share_opposite"] <= het.loc["x1", "share_opposite.hi"]
+    share = stats.norm.cdf(-abs(res.params["x1"]) / abs(res.params["sd.x1"]))
+    assert het.loc["x1", "share_opposite"] == pytest.approx(share, rel=1e-5)
 
 
 def test_msl_to_arviz_matches_params_and_gives_finite_loo(msl_fit):
@@ -117,8 +129,10 @@ def test_msl_to_arviz_matches_params_and_gives_finite_loo(msl_fit):
     assert idata.observed_data["choice"].shape == (data.n_situations,)
     loo = az.loo(idata)
     assert np.isfinite(loo.elpd_loo)
-    # The marginal log-likelihood is the MSL kernel's (same Halton draws): its mean over draws is near the LL.
-    assert float(idata.log_likelihood["choice"].sum("person").mean()) == pytest.approx(res.loglik, abs=15)
+    # The marginal log-likelihood is the MSL kernel's: averaged over draws from the asymptotic normal it sits
+    # about k/2 = 1.5 below the maximum (k = 3 parameters), up to the noise of 50 instead of 200 Halton draws.
+    m = float(idata.log_likelihood["choice"].sum("person").mean())
+    assert res.loglik - 3.5 < m < res.loglik + 0.5, (m, res.loglik)
 
 
 def test_marginal_loglik_is_the_msl_kernel(msl_fit):
