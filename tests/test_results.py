@@ -542,8 +542,8 @@ def test_reported_params_invariant_to_independent_spread_sign(res1):
 def test_reported_params_invariant_to_cholesky_column_sign(res3):
     # beta = mu + L z has the same law with column 1 of L negated: (sd.x1, chol.x2.x1) -> -(sd.x1, chol.x2.x1).
     other = _reflected(res3, [2, 4])
-    np.testing.assert_allclose(other.random_cov()[0], res3.random_cov()[0], rtol=1e-12)  # holds
-    np.testing.assert_allclose(other.params, res3.params, rtol=1e-12)  # fails: chol sign differs
+    np.testing.assert_allclose(other.random_cov()[0], res3.random_cov()[0], rtol=1e-12)
+    np.testing.assert_allclose(other.params, res3.params, rtol=1e-12)
     np.testing.assert_allclose(other.cov, res3.cov, rtol=1e-10)
 
 
@@ -596,6 +596,10 @@ def test_seed_none_predictions_are_reproducible(sim1):
                                 situation="situation", panel="person")
     res = sim1.model.fit(data, draws=20, seed=None)
     np.testing.assert_array_equal(res.predict(data).to_numpy(), res.predict(data).to_numpy())
+    # The seed drawn for the fit is recorded: refitting with it reproduces the fit and its predictions.
+    again = sim1.model.fit(data, draws=20, seed=res.settings["seed"])
+    assert again.loglik == res.loglik
+    np.testing.assert_array_equal(again.predict(data).to_numpy(), res.predict(data).to_numpy())
 
 
 def test_coefficient_moments_empty_for_mnl(elec_mnl):
