@@ -155,6 +155,24 @@ def test_gradients_reach_policy_and_strength():
         assert bool((grads[0] < 0).all() and (grads[1] > 0).all())
 
 
+@pytest.mark.parametrize("name,kw", [("lognormal", {}), ("lognormal", {"integrator": "quadrature"}),
+                                     ("gamma", {}), ("gamma", {"integrator": "quadrature"})])
+def test_loss_gradients_pass_gradcheck(name, kw):
+    """Analytic gradients of the loss in the policy log-probs and the strength's parameters equal finite
+    differences (float64, deterministic integrators)."""
+    pc, pr, rc, rr = (t[:6] for t in _logps())
+    s = make_strength(name, **kw)
+    policy = (pc.clone().requires_grad_(True), pr.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(lambda a, b: mixdpo_loss(a, b, rc, rr, strength=s)[0], policy, eps=1e-6,
+                                    atol=1e-7, rtol=1e-5)
+    # In the strength's parameters: the module's forward is log E[sigmoid(beta h)], the loss's negative.
+    h = ((pc - rc) - (pr - rr)).detach()
+    names = [n for n, _ in s.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in s.parameters())
+    assert torch.autograd.gradcheck(lambda *v: torch.func.functional_call(s, dict(zip(names, v)), (h,)), params,
+                                    eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 def test_low_precision_inputs_are_upcast():
     logps64 = _logps(scale=3.0)
     for s in (LogNormalStrength(), GammaStrength()):
