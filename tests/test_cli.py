@@ -32,6 +32,13 @@ def test_fit_dataset_writes_three_files(elec_run):
     assert np.isfinite(res.loglik)
     # A normal pf nests the MNL (sd.pf = 0 reproduces it exactly), so the simulated optimum is at least as good.
     assert res.loglik > -4958.649
+    # ... and it is the API's fit at the same settings.
+    data = ml.ChoiceData.from_long(ml.datasets.load_electricity(), choice="choice", alt="alt", situation="chid",
+                                   panel="id")
+    api = ml.MixedLogit(random={"pf": "normal"}, fixed=["cl", "loc", "wk", "tod", "seas"]).fit(data, draws=20,
+                                                                                               seed=0)
+    assert res.loglik == pytest.approx(api.loglik, abs=1e-9)
+    np.testing.assert_allclose(res.params.to_numpy(), api.params.to_numpy(), rtol=1e-6)
     assert res.null_loglik == pytest.approx(-5972.156, abs=1e-3)
     assert res.settings["draws"] == 20 and res.settings["draw_type"] == "halton" and res.settings["seed"] == 0
     assert res.converged is True
