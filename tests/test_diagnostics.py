@@ -168,6 +168,11 @@ def test_plots_and_report_for_msl(msl_fit, tmp_path):
     text = report.read_text()
     assert "## Heterogeneity" in text and "share_opposite" in text and "elpd_loo" in text
     assert "![forest](forest.png)" in text
+    # The report carries the numbers: the heterogeneity row of x1 and the log-likelihood.
+    het = dg.heterogeneity(res)
+    m, lo, hi = het.loc["x1", ["mean", "mean.lo", "mean.hi"]]
+    assert f"{m:.4g} [{lo:.4g}, {hi:.4g}]" in text
+    assert f"{res.loglik:.3f}" in text
     html = dg.write_report(res, tmp_path / "h", fmt="html")
     assert "<table" in html.read_text()
     with pytest.raises(ValueError, match="unknown report format 'pdf'"):
