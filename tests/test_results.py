@@ -387,6 +387,11 @@ def test_wtp_negative_lognormal_price(res2):
     sd = math.sqrt((sa**2 + ma**2) * e_inv2 - mean**2)
     assert w.loc["sd", "estimate"] == pytest.approx(sd, rel=1e-7)
     assert (w["std.err"] > 0).all()
+    # Delta method by hand for the mean: d/d(x1, price, sd.price) of -x1 * E[1/beta].
+    idx = [res2.param_names.index(n) for n in ("x1", "price", "sd.price")]
+    g = np.array([-e_inv, ma * e_inv, -ma * s * e_inv])
+    se = math.sqrt(g @ res2.cov.to_numpy()[np.ix_(idx, idx)] @ g)
+    assert w.loc["mean", "std.err"] == pytest.approx(se, rel=1e-6)
     # A Monte Carlo check of the two moments.
     rng = np.random.default_rng(0)
     z = rng.standard_normal((2, 400_000))
@@ -584,6 +589,12 @@ def test_coefficient_moments_closed_forms(res2):
     assert mom.loc["x4", "mean"] == pytest.approx(p["x4"], rel=1e-8)
     assert mom.loc["x4", "sd"] == pytest.approx(p["sd.x4"] / math.sqrt(6), rel=1e-8)
     assert (mom[["mean.se", "sd.se"]].to_numpy() > 0).all()
+    # Both moments are linear in the parameters: the delta method is exact.
+    b = res2.bse
+    assert mom.loc["x3", "mean.se"] == pytest.approx(b["x3"], rel=1e-8)
+    assert mom.loc["x3", "sd.se"] == pytest.approx(b["sd.x3"] / math.sqrt(3), rel=1e-8)
+    assert mom.loc["x4", "mean.se"] == pytest.approx(b["x4"], rel=1e-8)
+    assert mom.loc["x4", "sd.se"] == pytest.approx(b["sd.x4"] / math.sqrt(6), rel=1e-8)
 
 
 def test_null_loglik_is_equal_shares_with_lognormal(res2):
