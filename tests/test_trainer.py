@@ -423,6 +423,12 @@ def test_demo_command_smoke(capsys):
         "MixDPO-Gamma",
         "MixDPO-LogNormal-fixmean",
     ]
-    for r in rows:
-        acc, acc_macro = (float(x) for x in r.split("|")[2:4])
+    table = {r.split("|")[1].strip(): [float(x) for x in r.split("|")[2:-1]] for r in rows}
+    n_test = 16  # a quarter of 64 pairs is held out
+    for name, (acc, acc_macro, _, beta_mean, cv, *_) in table.items():
         assert 0.0 <= acc <= 1.0 and 0.0 <= acc_macro <= 1.0
+        assert abs(acc * n_test - round(acc * n_test)) < 0.01, (name, acc)  # a share of the 16 test pairs
+        # DPO's beta is the point 0.1; MixDPO starts at E[beta] = 0.1 with a real spread (two steps move it little)
+        assert beta_mean == pytest.approx(0.1, abs=0.002), name
+        assert cv == 0.0 if name == "DPO" else cv > 0.3, (name, cv)
+    assert table["MixDPO-LogNormal-fixmean"][3] == 0.1  # pinned mean
