@@ -67,12 +67,13 @@ from pyro.infer.autoguide.initialization import init_to_value
 from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to, constraints
 
-from .data import ChoiceData, Design
+from .data import ChoiceData, Design, require_choice_data
 from .draws import IntegrationRule, make_rule
 from .kernel import conditional_loglik
 from .msl import MSLProblem, maximize
 from .priors import IndependentPriors, describe, lkj_distribution, resolve_priors
 from .spec import Spec
+from .validation import check_int, check_seed
 
 GUIDES = ("meanfield", "fullrank", "amortized")
 SVI_OPTIONS = ("steps", "guide", "subsample", "learning_rate", "seed", "priors", "progress", "init", "tol",
@@ -795,12 +796,6 @@ def _unit_laplace(hm: HierarchicalMixedLogit, g: dict[str, torch.Tensor], iters:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_common(kwargs, allowed, method):
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
@@ -808,9 +803,7 @@ def _check_common(kwargs, allowed, method):
     init = kwargs.get("init", "msl")
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
-    seed = kwargs.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer, got {seed!r}")
+    check_seed(kwargs.get("seed", 0))
     priors = kwargs.get("priors")
     if priors is not None and not isinstance(priors, dict):
         raise TypeError(f"priors must be a dict mapping parameter names or groups to priors, got {priors!r}")
@@ -845,8 +838,7 @@ def fit(model, data: ChoiceData, method: str = "svi", **kwargs):
 
 
 def _prepare(model, data, priors, subsample=None):
-    if not isinstance(data, ChoiceData):
-        raise TypeError(f"data must be a mixlogit.ChoiceData (use ChoiceData.from_long), got {type(data).__name__}")
+    require_choice_data(data)
     spec = model.spec_for(data)
     design = data.design(spec.random_names, spec.fixed)
     return HierarchicalMixedLogit(spec, design, priors, subsample=subsample)
@@ -873,7 +865,7 @@ def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning
              progress=False, init="msl", tol=1e-4, window=None, num_draws=4000, init_draws=200, init_units=2000,
              num_particles=1):
     t0 = time.perf_counter()
-    steps = _check_int("steps", steps)
+    steps = check_int("steps", steps)
     if guide not in GUIDES:
         raise ValueError(f"unknown guide {guide!r}; accepted: {', '.join(GUIDES)}")
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
@@ -881,13 +873,13 @@ def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning
         raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
-    num_draws = _check_int("num_draws", num_draws, 2)
-    num_particles = _check_int("num_particles", num_particles)
-    init_draws = _check_int("init_draws", init_draws)
-    init_units = _check_int("init_units", init_units)
+    num_draws = check_int("num_draws", num_draws, 2)
+    num_particles = check_int("num_particles", num_particles)
+    init_draws = check_int("init_draws", init_draws)
+    init_units = check_int("init_units", init_units)
     n_units = data.n_units if isinstance(data, ChoiceData) else 0
     if subsample is not None:
-        subsample = _check_int("subsample", subsample)
+        subsample = check_int("subsample", subsample)
         if subsample > n_units:
             raise ValueError(f"subsample={subsample} exceeds the number of units ({n_units}); use subsample=None "
                              "for full-batch SVI")
@@ -895,7 +887,7 @@ def _fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning
             subsample = None
     if window is None:  # at least MIN_WINDOWS windows fit into the step budget
         window = max(10, min(int(np.clip(steps // 60, 50, 100)), steps // MIN_WINDOWS))
-    window = _check_int("window", window)
+    window = check_int("window", window)
 
     hm = _prepare(model, data, priors, subsample)
     with pyro.settings.context(module_local_params=True), torch.random.fork_rng(devices=[]):
@@ -1042,14 +1034,14 @@ def _fit_nuts(model, data, num_samples=1000, num_warmup=1000, chains=2, seed=0, 
     from pyro.infer import MCMC
 
     t0 = time.perf_counter()
-    num_samples = _check_int("num_samples", num_samples)
-    num_warmup = _check_int("num_warmup", num_warmup, 0)
-    chains = _check_int("chains", chains)
-    max_tree_depth = _check_int("max_tree_depth", max_tree_depth)
+    num_samples = check_int("num_samples", num_samples)
+    num_warmup = check_int("num_warmup", num_warmup, 0)
+    chains = check_int("chains", chains)
+    max_tree_depth = check_int("max_tree_depth", max_tree_depth)
     if not (isinstance(target_accept, float) and 0 < target_accept < 1):
         raise ValueError(f"target_accept must be a float in (0, 1), got {target_accept!r}")
-    init_draws = _check_int("init_draws", init_draws)
-    init_units = _check_int("init_units", init_units)
+    init_draws = check_int("init_draws", init_draws)
+    init_units = check_int("init_units", init_units)
     hm = _prepare(model, data, priors)
     samples, diverging, depths, accept = [], [], [], []
     with torch.random.fork_rng(devices=[]):

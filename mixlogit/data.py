@@ -35,6 +35,12 @@ def _require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
             )
 
 
+def require_choice_data(data, name: str = "data") -> None:
+    """Raise a TypeError unless ``data`` is a :class:`ChoiceData` (a raw DataFrame is the common slip)."""
+    if not isinstance(data, ChoiceData):
+        raise TypeError(f"{name} must be a mixlogit.ChoiceData (use ChoiceData.from_long), got {type(data).__name__}")
+
+
 def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     """A column as finite float64, or an error naming the column and the first bad row."""
     s = df[col]
@@ -264,7 +270,13 @@ class ChoiceData:
     def attribute_matrix(self, columns: list[str]) -> np.ndarray:
         """(rows, K) float64 matrix of attribute columns; ``asc.<alt>`` names give alternative dummies."""
         out = np.zeros((self.n_rows, len(columns)))
+        roles = {"choice": self.choice, "alt": self.alt, "situation": self.situation, "panel": self.panel,
+                 "avail": self.avail, "weights": self.weights}
         for k, col in enumerate(columns):
+            role = next((r for r, c in roles.items() if c is not None and c == col), None)
+            if role:
+                raise ChoiceDataError(f"{col!r} is the data's {role}= column; it cannot also be an attribute with a "
+                                      "coefficient")
             if col.startswith("asc.") and col not in self.df.columns:
                 label = col[4:]
                 match = [a for a in self.alternatives if str(a) == label]

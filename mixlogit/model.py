@@ -8,11 +8,12 @@ import warnings
 import numpy as np
 import torch
 
-from .data import ChoiceData, ChoiceDataError
+from .data import ChoiceData, ChoiceDataError, require_choice_data
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
 from .msl import MSLProblem, maximize, polish
 from .spec import Spec
+from .validation import check_int, check_positive, check_seed
 
 METHODS = ("msl", "svi", "nuts")
 _NORMAL_FAMILIES = ("normal",)
@@ -38,10 +39,21 @@ class MixedLogit:
 
     def __init__(self, random: dict[str, str] | None = None, fixed: list[str] | None = None, asc: bool = False,
                  base_alt=None, correlated: bool | list[str] = False):
+        # A string where a collection is expected would be split into characters: say so instead.
+        if random is not None and not isinstance(random, dict):
+            raise TypeError(f"random must be a dict mapping column -> distribution name, e.g. {{'pf': 'normal'}}; "
+                            f"got {type(random).__name__} {random!r}")
+        if fixed is not None and (isinstance(fixed, (str, bytes, dict)) or not hasattr(fixed, "__iter__")):
+            raise TypeError(f"fixed must be a list of column names, e.g. ['loc', 'wk']; got {type(fixed).__name__} "
+                            f"{fixed!r}")
+        if isinstance(correlated, str):
+            raise TypeError(f"correlated must be True, False or a list of random coefficient names; got the string "
+                            f"{correlated!r} (write [{correlated!r}])")
         random = dict(random or {})
         fixed = list(fixed or [])
-        if not isinstance(random, dict):
-            raise TypeError("random must be a dict mapping column -> distribution name")
+        for name in [*random, *fixed]:
+            if not isinstance(name, str):
+                raise TypeError(f"column names in random= and fixed= must be strings, got {name!r}")
         for col, dist in random.items():
             get_distribution(dist, where=f"random coefficient {col!r}")
         both = sorted(set(random) & set(fixed))
@@ -56,6 +68,9 @@ class MixedLogit:
             correlated = []
         else:
             correlated = list(correlated)
+        if len(set(correlated)) != len(correlated):
+            dup = next(c for c in correlated if correlated.count(c) > 1)
+            raise ValueError(f"correlated lists {dup!r} twice")
         for c in correlated:
             if c not in random:
                 raise ValueError(f"correlated names {c!r}, which is not a random coefficient; random are: {list(random)}")
@@ -90,6 +105,10 @@ class MixedLogit:
             asc_cols = [f"asc.{a}" for a in alts if str(a) != str(base)]
         elif self.base_alt is not None:
             raise ValueError("base_alt is only used with asc=True")
+        clash = sorted(set(asc_cols) & set(self.fixed))
+        if clash:
+            raise ValueError(f"fixed names {clash[0]!r}, which is also an alternative-specific constant of asc=True; "
+                             "drop it from fixed= (asc=True adds the constants) or rename the column")
         return Spec(random=self.random, fixed=asc_cols + self.fixed, correlated=self.correlated)
 
     # ------------------------------------------------------------------ fitting
@@ -99,8 +118,7 @@ class MixedLogit:
         ``method="msl"``: maximum simulated likelihood, see :meth:`fit_msl` for the keyword arguments.
         ``method="svi"`` / ``"nuts"``: Bayesian estimation (:mod:`mixlogit.bayes`).
         """
-        if not isinstance(data, ChoiceData):
-            raise TypeError(f"data must be a mixlogit.ChoiceData (use ChoiceData.from_long), got {type(data).__name__}")
+        require_choice_data(data)
         if method == "msl":
             return self.fit_msl(data, **kwargs)
         if method in ("svi", "nuts"):
@@ -168,10 +186,10 @@ class MixedLogit:
         from .results import MixedLogitResults
 
         t0 = time.perf_counter()
-        if seed is None:
-            seed = int(np.random.default_rng().integers(2**31))
-        if isinstance(multistart, bool) or not isinstance(multistart, int) or multistart < 0:
-            raise ValueError(f"multistart must be a non-negative integer, got {multistart!r}")
+        seed = int(np.random.default_rng().integers(2**31)) if seed is None else check_seed(seed)
+        check_int("multistart", multistart, 0)
+        check_int("maxiter", maxiter, 1)
+        check_positive("gtol", gtol)
         problem = self.make_problem(data, draws, draw_type, antithetic, seed)
         spec = problem.spec
         x0 = self._resolve_start(start, spec) if start is not None else self.start_values(data, spec)
@@ -216,13 +234,20 @@ class MixedLogit:
             x = np.zeros(len(names))
             x[spec.slices()["spread"]] = 0.1
             for k, v in start.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+                    raise ValueError(f"start[{k!r}] must be a finite number, got {v!r}")
                 x[names.index(k)] = float(v)
             return x
-        x = np.asarray(start, dtype=float).ravel()
+        try:
+            x = np.asarray(start, dtype=float).ravel()
+        except (TypeError, ValueError):
+            raise ValueError(f"start must be numbers (an array of {len(names)} values or a dict name -> value), "
+                             f"got {start!r}") from None
         if x.shape != (len(names),):
             raise ValueError(f"start has {x.size} values; the model has {len(names)} parameters: {names}")
         if not np.all(np.isfinite(x)):
-            raise ValueError("start has non-finite values")
+            bad = [names[i] for i in np.flatnonzero(~np.isfinite(x))]
+            raise ValueError(f"start has non-finite values for {bad}")
         return x
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from .data import ChoiceData
+from .data import ChoiceData, require_choice_data
 from .kernel import choice_probabilities, posterior_draw_weights
 from .moments import coefficient_mean_sd, delta_method
 from .persistence import read_json, write_json
@@ -274,6 +274,8 @@ class MixedLogitResults:
     # ------------------------------------------------------------------ data-level outputs
     def _problem(self, data: ChoiceData):
         from .model import MixedLogit
+
+        require_choice_data(data)
 
         model = MixedLogit(**self.model_args)
         s = self.settings

@@ -271,7 +271,7 @@ def test_correlated_and_lognormal_models():
     ({"subsample": 500}, ValueError, "subsample=500 exceeds the number of units \\(120\\)"),
     ({"num_samples": 10}, TypeError, "unknown argument 'num_samples' for method='svi'"),
     ({"init": "zero"}, ValueError, "unknown init 'zero'"),
-    ({"seed": 1.5}, TypeError, "seed must be an integer"),
+    ({"seed": 1.5}, TypeError, "seed must be a non-negative integer"),
 ])
 def test_svi_argument_errors(sim, kwargs, err, match):
     with pytest.raises(err, match=match):

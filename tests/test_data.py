@@ -259,6 +259,55 @@ def test_model_argument_errors():
         MixedLogit(random={"x": "normal"}).fit(from_small(small_table()), draw_type="halton2")
 
 
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"fixed": "x"}, TypeError, r"fixed must be a list of column names, e.g. \['loc', 'wk'\]; got str 'x'"),
+    ({"random": ["x"]}, TypeError, r"random must be a dict mapping column -> distribution name"),
+    ({"random": "x"}, TypeError, r"random must be a dict .*got str 'x'"),
+    ({"random": {"x": "normal"}, "correlated": "x"}, TypeError, r"got the string 'x' \(write \['x'\]\)"),
+    ({"random": {"x": "normal", "y": "normal"}, "correlated": ["x", "x"]}, ValueError, "correlated lists 'x' twice"),
+    ({"fixed": [1]}, TypeError, "column names in random= and fixed= must be strings, got 1"),
+])
+def test_collections_are_not_split_into_characters(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        MixedLogit(**kwargs)
+
+
+def test_a_role_column_or_a_constant_cannot_be_an_attribute():
+    data = from_small(small_table())
+    with pytest.raises(ValueError, match=r"'choice' is the data's choice= column; it cannot also be an attribute"):
+        MixedLogit(fixed=["x", "choice"]).fit(data)
+    with pytest.raises(ValueError, match=r"fixed names 'asc.b', which is also an alternative-specific constant"):
+        MixedLogit(fixed=["x", "asc.b"], asc=True).fit(data)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    ({"seed": "abc"}, TypeError, "seed must be a non-negative integer"),
+    ({"seed": 1.5}, TypeError, "seed must be a non-negative integer"),
+    ({"seed": -1}, ValueError, "seed must be a non-negative integer"),
+    ({"maxiter": "10"}, ValueError, "maxiter must be an integer >= 1, got '10'"),
+    ({"maxiter": -3}, ValueError, "maxiter must be an integer >= 1"),
+    ({"gtol": -1.0}, ValueError, "gtol must be a positive finite number"),
+    ({"gtol": float("nan")}, ValueError, "gtol must be a positive finite number"),
+    ({"multistart": -1}, ValueError, "multistart must be an integer >= 0"),
+    ({"start": {"x": float("nan")}}, ValueError, r"start\['x'\] must be a finite number, got nan"),
+    ({"start": {"x": "abc"}}, ValueError, r"start\['x'\] must be a finite number, got 'abc'"),
+    ({"start": ["a", "b"]}, ValueError, "start must be numbers"),
+    ({"start": [np.nan]}, ValueError, r"start has non-finite values for \['x'\]"),
+])
+def test_msl_argument_errors_name_the_argument(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        MixedLogit(fixed=["x"]).fit(from_small(small_table()), **kwargs)
+
+
+def test_results_methods_want_choice_data(sim_panel):
+    res = sim_panel.model.fit(sim_panel.data, draws=10)
+    for call in (lambda: res.predict(sim_panel.df), lambda: res.individual(sim_panel.df),
+                 lambda: res.elasticities(sim_panel.df, "x1")):
+        with pytest.raises(TypeError, match=r"data must be a mixlogit.ChoiceData \(use ChoiceData.from_long\), "
+                                            r"got DataFrame"):
+            call()
+
+
 def test_base_alt_that_does_not_exist():
     with pytest.raises(ValueError, match=r"base_alt 'zzz' is not an alternative in column 'alt'; alternatives are: "
                                          r"a, b, c"):
