@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -13,12 +14,20 @@ def write_json(path: str | os.PathLike, payload: dict, overwrite: bool = False, 
     Refuses to replace an existing file unless ``overwrite=True``; creates missing parent folders.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'results.json'}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=indent))
-    tmp.replace(path)
+    # A fresh temporary name in the same folder (so the final rename is atomic and no user file is touched).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(payload, indent=indent))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -27,10 +36,12 @@ def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the results file in it (e.g. {path / 'results.json'})")
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not a mixlogit results file (not JSON: {e})") from None
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a mixlogit results file (not JSON text: {e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} is not a mixlogit results file (a JSON {type(d).__name__}, not an object)")  # noqa: TRY004 (bad file content)
     return d

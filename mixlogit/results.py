@@ -414,11 +414,24 @@ def load(path: str | os.PathLike):
     """Read results written by ``save``: :class:`MixedLogitResults` (MSL) or
     :class:`~mixlogit.bayes_results.BayesResults` (SVI, NUTS), told apart by the file's format field."""
     d = read_json(path)
-    if d.get("format") == BAYES_FORMAT:
-        from .bayes_results import BayesResults
-
-        return BayesResults.from_dict(d)
-    return MixedLogitResults.from_dict(d)
+    fmt = d.get("format")
+    if fmt not in (FORMAT, BAYES_FORMAT):
+        raise ValueError(f"{path} is not a mixlogit results file (format {fmt!r}; expected {FORMAT!r} or "
+                         f"{BAYES_FORMAT!r})")
+    version = d.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {version!r}; this mixlogit reads version {FORMAT_VERSION} "
+                         "(upgrade mixlogit to read it)")
+    if fmt == BAYES_FORMAT:
+        from .bayes_results import BayesResults as cls
+    else:
+        cls = MixedLogitResults
+    try:
+        return cls.from_dict(d)
+    except KeyError as e:
+        raise ValueError(f"{path} is damaged: the field {e.args[0]!r} is missing") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged: {e}") from None
 
 
 def _jsonable(v):

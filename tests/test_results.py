@@ -130,9 +130,15 @@ def test_save_refuses_overwrite_unless_asked(tmp_path, res1, elec_mnl):
     with pytest.raises(FileExistsError, match=r"res\.json exists; pass overwrite=True"):
         elec_mnl.save(path)
     assert ml.load(path).loglik == res1.loglik
+    # A user's own file next to the results is never touched by the atomic write.
+    mine = tmp_path / "sub" / "res.json.tmp"
+    mine.write_text("my notes")
     elec_mnl.save(path, overwrite=True)
     assert ml.load(path).loglik == elec_mnl.loglik
-    assert not (tmp_path / "sub" / "res.json.tmp").exists()
+    assert mine.read_text() == "my notes"
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["res.json", "res.json.tmp"]
+    with pytest.raises(IsADirectoryError, match=r"sub is a folder; give a file name"):
+        elec_mnl.save(tmp_path / "sub", overwrite=True)
 
 
 def test_load_errors(tmp_path):
@@ -140,7 +146,18 @@ def test_load_errors(tmp_path):
         ml.load(tmp_path / "nothere.json")
     p = tmp_path / "other.json"
     p.write_text('{"format": "something-else"}')
-    with pytest.raises(ValueError, match=r"not a mixlogit results file \(format 'something-else'\)"):
+    with pytest.raises(ValueError, match=r"other\.json is not a mixlogit results file \(format 'something-else'"):
+        ml.load(p)
+    with pytest.raises(IsADirectoryError, match="is a folder; give the results file in it"):
+        ml.load(tmp_path)
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ValueError, match=r"other\.json is not a mixlogit results file \(not JSON text"):
+        ml.load(p)
+    p.write_text('{"format": "mixlogit.results", "version": 99}')
+    with pytest.raises(ValueError, match="has format version 99; this mixlogit reads version 1"):
+        ml.load(p)
+    p.write_text('{"format": "mixlogit.results", "version": 1}')
+    with pytest.raises(ValueError, match=r"other\.json is damaged: the field 'spec' is missing"):
         ml.load(p)
 
 
