@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("results_dir", help="folder with results.json")
     r.add_argument("--format", default="md", choices=["md", "html"], help="report format (default: %(default)s)")
     r.add_argument("--out", help="output folder (default: RESULTS_DIR)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing report and its plots")
     r.add_argument("--no-data", action="store_true", help="do not reload the estimation data (skips az.loo and "
                    "MSL individual-level plots)")
     return p
@@ -188,7 +189,8 @@ def cmd_report(args) -> int:
         raise SystemExit(f"{path} does not exist; RESULTS_DIR must be a folder written by `mixlogit fit`")
     res = load_any(path)
     data = None if args.no_data else _reload_data(res.settings)
-    report = write_report(res, Path(args.out) if args.out else folder, data=data, fmt=args.format)
+    report = write_report(res, Path(args.out) if args.out else folder, data=data, fmt=args.format,
+                          overwrite=args.overwrite)
     print(f"report written to {report}")
     return 0
 

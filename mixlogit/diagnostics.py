@@ -456,9 +456,23 @@ def _panel_grid(n: int):
     return fig, [fig.add_subplot(rows, cols, k + 1) for k in range(n)]
 
 
+PLOT_FILES = ("densities.png", "forest.png", "individual.png")
+
+
+def refuse_to_overwrite(out: Path, names, overwrite: bool) -> None:
+    """Raise FileExistsError if any of ``out/names`` exists and ``overwrite`` is False (names them all)."""
+    if overwrite:
+        return
+    present = [n for n in names if (out / n).exists()]
+    if present:
+        raise FileExistsError(f"{out} already holds {', '.join(present)}; pass overwrite=True (--overwrite on the "
+                              "command line) to replace them, or choose another folder")
+
+
 def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 200, seed: int = 0,
-                       level: float = 0.9) -> dict[str, Path]:
-    """Write the heterogeneity plots as PNG files into ``out_dir`` and return their paths.
+                       level: float = 0.9, overwrite: bool = False) -> dict[str, Path]:
+    """Write the heterogeneity plots as PNG files into ``out_dir`` and return their paths. Existing plots there
+    are replaced only with ``overwrite=True``.
 
     - ``densities.png``: the implied density of every random coefficient (median over ``n`` parameter draws)
       with a pointwise ``level`` band (posterior draws, or the asymptotic normal for MSL);
@@ -472,6 +486,7 @@ def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 20
 
     spec = res.spec
     out = Path(out_dir)
+    refuse_to_overwrite(out, PLOT_FILES, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     th = theta_draws(res, n, seed)
@@ -581,14 +596,17 @@ def loo_table(idata) -> tuple[pd.DataFrame, pd.DataFrame]:
     return est, bins
 
 
-def write_report(res, out_dir, data: ChoiceData | None = None, fmt: str = "md", level: float = 0.9) -> Path:
+def write_report(res, out_dir, data: ChoiceData | None = None, fmt: str = "md", level: float = 0.9,
+                 overwrite: bool = False) -> Path:
     """Write the plots and ``report.md`` (or ``report.html``) with the summary, heterogeneity and (with data)
-    leave-one-out tables into ``out_dir``; return the report's path."""
+    leave-one-out tables into ``out_dir``; return the report's path. Existing report files there are replaced
+    only with ``overwrite=True``."""
     if fmt not in ("md", "html"):
         raise ValueError(f"unknown report format {fmt!r}; accepted: md, html")
     out = Path(out_dir)
+    refuse_to_overwrite(out, (f"report.{fmt}", *PLOT_FILES), overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot_heterogeneity(res, out, data=data, level=level)
+    plots = plot_heterogeneity(res, out, data=data, level=level, overwrite=True)
     title = f"mixlogit report: {res.settings.get('method', 'msl').upper()}"
     het = heterogeneity(res, level=level) if res.spec.n_random else None
     loo = None

@@ -164,7 +164,10 @@ def test_plots_and_report_for_msl(msl_fit, tmp_path):
     assert set(paths) == {"densities", "forest", "individual"}
     for p in paths.values():
         assert p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG"
-    report = dg.write_report(res, tmp_path, data=data)
+    with pytest.raises(FileExistsError, match=r"already holds densities.png, forest.png, individual.png; pass "
+                                              r"overwrite=True \(--overwrite on the command line\)"):
+        dg.write_report(res, tmp_path, data=data)
+    report = dg.write_report(res, tmp_path, data=data, overwrite=True)
     text = report.read_text()
     assert "## Heterogeneity" in text and "share_opposite" in text and "elpd_loo" in text
     assert "![forest](forest.png)" in text
@@ -202,6 +205,9 @@ def test_cli_report_on_msl_results(tmp_path):
     text = (out / "report.html").read_text()
     assert "Heterogeneity" in text and "elpd_loo" in text and "individual.png" in text
     assert main(["report", str(out), "--no-data", "--out", str(tmp_path / "r2")]) == 0
+    # Running it again refuses to replace the report unless asked.
+    assert main(["report", str(out), "--no-data", "--out", str(tmp_path / "r2")]) == 2
+    assert main(["report", str(out), "--no-data", "--out", str(tmp_path / "r2"), "--overwrite"]) == 0
     assert "elpd_loo" not in (tmp_path / "r2" / "report.md").read_text()
     with pytest.raises(SystemExit, match="results.json does not exist"):
         main(["report", str(tmp_path / "nothing")])
