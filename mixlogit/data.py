@@ -7,6 +7,7 @@ the columns a model uses into the tensors the kernel consumes.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,8 +28,15 @@ def _first_label(index: pd.Index, mask: np.ndarray) -> object:
     return _py(index[np.flatnonzero(mask)[0]])
 
 
+REQUIRED_ROLES = ("choice", "alt", "situation")
+
+
 def _require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
     for role, col in columns.items():
+        if col is None and role in REQUIRED_ROLES:
+            raise ChoiceDataError(f"{role}= is required: the name of the {role} column")
+        if col is not None and (isinstance(col, (list, tuple, set, dict)) or not isinstance(col, Hashable)):
+            raise ChoiceDataError(f"{role}= must be one column name, got {col!r}")
         if col is not None and col not in df.columns:
             raise ChoiceDataError(
                 f"column {col!r} (given as {role}=) is not in the table; columns are: {', '.join(map(str, df.columns))}"
@@ -47,7 +55,12 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     if s.dtype == bool:
         return s.to_numpy(dtype=np.float64)
     if not (pd.api.types.is_numeric_dtype(s)):
-        bad = pd.to_numeric(s, errors="coerce").isna().to_numpy() & s.notna().to_numpy()
+        missing = s.isna().to_numpy()
+        bad = pd.to_numeric(s, errors="coerce").isna().to_numpy() & ~missing
+        if not bad.any() and missing.any():  # numbers with gaps (an object column holding None)
+            row = _first_label(df.index, missing)
+            raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r} ({int(missing.sum())} such "
+                                  "rows); fill or drop them first")
         row = _first_label(df.index, bad) if bad.any() else df.index[0]
         raise ChoiceDataError(
             f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {_py(s.loc[row])!r}. "
@@ -236,6 +249,13 @@ class ChoiceData:
         sit_t = pd.Series(np.arange(len(sit_labels))).groupby(sit_unit).cumcount().to_numpy()
         t_codes = sit_t[sit_codes]
         alt_codes, alternatives = pd.factorize(df[alt], sort=True)
+        # Constants are named asc.<label>, so labels must stay distinct as text (1 and "1" would collide).
+        as_text: dict[str, object] = {}
+        for a in alternatives:
+            other = as_text.setdefault(str(a), a)
+            if other is not a:
+                raise ChoiceDataError(f"column {alt!r} holds the alternative labels {_py(other)!r} and {_py(a)!r}, "
+                                      "which differ only in type; use one type for the labels")
         arrays = (chosen, av, alt_codes, unit_codes, t_codes, unit_w, [_py(a) for a in alternatives],
                   [_py(u) for u in unit_labels])
         return cls(df, choice, alt, situation, panel, avail, weights, arrays)

@@ -308,6 +308,31 @@ def test_results_methods_want_choice_data(sim_panel):
             call()
 
 
+def test_role_arguments_must_be_single_column_names():
+    df = small_table()
+    with pytest.raises(ValueError, match=r"choice= is required: the name of the choice column"):
+        ChoiceData.from_long(df, choice=None, alt="alt", situation="sit")
+    with pytest.raises(ValueError, match=r"choice= must be one column name, got \['choice'\]"):
+        ChoiceData.from_long(df, choice=["choice"], alt="alt", situation="sit")
+
+
+def test_an_object_column_with_gaps_names_the_missing_row():
+    df = small_table()
+    df["x"] = df["x"].astype(object)
+    df.loc["r4", "x"] = None
+    with pytest.raises(ValueError, match=r"attribute column 'x' is missing in row 'r4' \(1 such rows\)"):
+        MixedLogit(fixed=["x"]).fit(from_small(df))
+
+
+def test_labels_that_differ_only_in_type_are_refused():
+    df = small_table()
+    df["alt"] = df["alt"].astype(object)
+    df.loc[df["alt"] == "a", "alt"] = 1
+    df.loc["r1", "alt"] = "1"
+    with pytest.raises(ValueError, match=r"column 'alt' holds the alternative labels 1 and '1', which differ only"):
+        from_small(df)
+
+
 def test_base_alt_that_does_not_exist():
     with pytest.raises(ValueError, match=r"base_alt 'zzz' is not an alternative in column 'alt'; alternatives are: "
                                          r"a, b, c"):
