@@ -110,7 +110,7 @@ def _reload_data(settings: dict) -> ChoiceData | None:
             print(f"mixlogit: note: estimation data {path} not found; the report skips what needs the data",
                   file=sys.stderr)
             return None
-        df = pd.read_csv(path)
+        df = _read_csv(path)
         cols = {}
     for k in ("choice", "alt", "situation", "panel"):
         if src.get(k):
@@ -136,7 +136,7 @@ def _load_data(args) -> tuple[ChoiceData, dict, list]:
         missing = [f"--{k}" for k in ("choice", "alt", "situation") if not getattr(args, k)]
         if missing:
             raise SystemExit(f"fitting a file needs {', '.join(missing)}")
-        df = pd.read_csv(path)
+        df = _read_csv(path)
         cols = {"choice": args.choice, "alt": args.alt, "situation": args.situation, "panel": args.panel}
         random, fixed = _parse_random(args.random), _parse_list(args.fixed)
     else:
@@ -145,7 +145,39 @@ def _load_data(args) -> tuple[ChoiceData, dict, list]:
     return data, random, fixed
 
 
+#: Options that apply to some methods only: (destination, flag, methods).
+METHOD_OPTIONS = [("draws", "--draws", ("msl",)), ("draw_type", "--draw-type", ("msl",)),
+                  ("antithetic", "--antithetic", ("msl",)), ("steps", "--steps", ("svi",)),
+                  ("guide", "--guide", ("svi",)), ("subsample", "--subsample", ("svi",)),
+                  ("learning_rate", "--learning-rate", ("svi",)), ("num_samples", "--num-samples", ("nuts",)),
+                  ("num_warmup", "--num-warmup", ("nuts",)), ("chains", "--chains", ("nuts",)),
+                  ("prior", "--prior", ("svi", "nuts"))]
+
+
+def _check_fit_args(args) -> None:
+    """Refuse, before any work, what would be ignored or fail only after the fit."""
+    defaults = build_parser().parse_args(["fit"])
+    for dest, flag, methods in METHOD_OPTIONS:
+        if args.method not in methods and getattr(args, dest) != getattr(defaults, dest):
+            raise SystemExit(f"{flag} applies to --method {' or '.join(methods)}, not --method {args.method}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {out} is a file, not a folder")
+    if args.file and Path(args.file).is_dir():
+        raise SystemExit(f"{args.file} is a folder; FILE must be a long-format CSV file")
+    if (args.random is not None or args.fixed is not None) and not (args.random or args.fixed or args.asc):
+        raise SystemExit("the model has no coefficients: give --random, --fixed or --asc")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: cannot be read as CSV ({e})") from None
+
+
 def cmd_fit(args) -> int:
+    _check_fit_args(args)
     out = Path(args.out)
     targets = [out / n for n in ("results.json", "params.csv", "summary.txt")]
     existing = [str(t) for t in targets if t.exists()]

@@ -168,3 +168,23 @@ def test_draws_zero_is_reported(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "draws must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_fit_refuses_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty.csv").write_text("")
+    cases = [
+        (["--dataset", "electricity", "--guide", "meanfield"], r"--guide applies to --method svi, not --method msl"),
+        (["--dataset", "electricity", "--method", "svi", "--draws", "50"], r"--draws applies to --method msl, not"),
+        (["--dataset", "electricity", "--method", "nuts", "--steps", "9"], r"--steps applies to --method svi, not"),
+        (["--dataset", "electricity", "--out", str(tmp_path / "a_file")], r"a_file is a file, not a folder"),
+        ([str(tmp_path), "--choice", "c", "--alt", "a", "--situation", "s"], r"is a folder; FILE must be a long"),
+        ([str(tmp_path / "empty.csv"), "--choice", "c", "--alt", "a", "--situation", "s"],
+         r"empty\.csv: cannot be read as CSV"),
+        (["--dataset", "electricity", "--random", "", "--fixed", ""], r"give --random, --fixed or --asc"),
+    ]
+    for argv, match in cases:
+        out = [] if "--out" in argv else ["--out", str(tmp_path / "o")]
+        with pytest.raises(SystemExit, match=match):
+            main(["fit", *argv, *out])
+    assert not (tmp_path / "o").exists()  # nothing was fitted or written
