@@ -31,8 +31,11 @@ OBJECTIVES = ("marginal", "expected")
 _NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
 
-def _margin(tensors: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate the four log-prob tensors; return (h, chosen log-ratio, rejected log-ratio) in the working dtype."""
+def _margin(tensors: tuple, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the four log-prob tensors; return (h, chosen log-ratio, rejected log-ratio) in the working dtype.
+
+    ``check=False`` leaves the finiteness check (a device sync) to the caller: :func:`_raise_non_finite_inputs`.
+    """
     for name, t in zip(_NAMES, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of per-sequence log-probs, got {type(t).__name__}")
@@ -50,16 +53,45 @@ def _margin(tensors: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chosen, rejected = pc - rc, pr - rr
     h = chosen - rejected
     # Any non-finite input makes h non-finite, so one check (one device sync) covers all four tensors.
-    if not bool(torch.isfinite(h).all()):
-        parts = []
-        for name, t in zip(_NAMES, tensors):
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                parts.append(f"{name} at batch indices {bad.nonzero().squeeze(-1).tolist()[:10]}")
-        detail = "; ".join(parts) if parts else (
-            f"the margin overflows at batch indices {(~torch.isfinite(h)).nonzero().squeeze(-1).tolist()[:10]}")
-        raise ValueError(f"non-finite log-probabilities: {detail}")
+    if check and not bool(torch.isfinite(h).all()):
+        _raise_non_finite_inputs(tensors, h)
     return h, chosen, rejected
+
+
+def _raise_non_finite_inputs(tensors: tuple, h: torch.Tensor) -> None:
+    """Name the non-finite log-prob entries (or the overflowing margins); return when there are none."""
+    parts = []
+    for name, t in zip(_NAMES, tensors):
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            parts.append(f"{name} {_where(t, bad)}")
+    bad = ~torch.isfinite(h)
+    if parts or bool(bad.any()):
+        detail = "; ".join(parts) if parts else f"the margin overflows: it {_where(h, bad)}"
+        raise ValueError(f"non-finite log-probabilities: {detail}")
+
+
+def _where(t: torch.Tensor, bad: torch.Tensor) -> str:
+    """Where ``bad`` holds: "at batch indices [...]" (the first ten), or "is nan" for a 0-dim tensor."""
+    if t.dim() == 0:
+        return f"is {float(t)}"
+    return f"at batch indices {bad.nonzero().squeeze(-1).tolist()[:10]}"
+
+
+def _raise_non_finite(strength: Strength, h, losses, chosen_rewards, rejected_rewards) -> None:
+    """Name why the MixDPO loss or rewards came out non-finite from finite margins (the strength's range);
+    return when all are finite after all."""
+    for name, t in (("chosen_rewards", chosen_rewards), ("rejected_rewards", rejected_rewards),
+                    ("losses", losses)):
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            mean, largest = float(strength.mean().detach()), float(h.abs().max().detach())
+            raise ValueError(
+                f"MixDPO {name} {_where(t, bad)}: not finite in {h.dtype} with the {strength._describe()} "
+                f"(E[beta] = {mean:.4g}, largest |margin| {largest:.4g}): E[beta] or beta times the margin "
+                f"overflows {h.dtype}. Choose a strength with a smaller E[beta]"
+                + ("." if h.dtype == torch.float64 else ", or use float64 log-probabilities.")
+            )
 
 
 def _check_smoothing(label_smoothing) -> float:
@@ -126,19 +158,33 @@ def mixdpo_loss(
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
     eps = _check_smoothing(label_smoothing)
-    h, chosen, rejected = _margin((policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-                                   ref_rejected_logps))
+    tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    h, chosen, rejected = _margin(tensors, check=False)
     fn = strength._log_prob if objective == "marginal" else strength._expected_log_prob
     flat = h.reshape(-1)
-    if eps:
-        # One call for both signs, so a simulation integrator draws once per call.
-        both = fn(torch.cat([flat, -flat]))
-        losses = -((1.0 - eps) * both[: flat.numel()] + eps * both[flat.numel():])
-    else:
-        losses = -fn(flat)
+
+    def integrate(log_prob) -> torch.Tensor:
+        if eps:
+            # One call for both signs, so a simulation integrator draws once per call.
+            both = log_prob(torch.cat([flat, -flat]))
+            return -((1.0 - eps) * both[: flat.numel()] + eps * both[flat.numel():]).reshape(h.shape)
+        return -log_prob(flat).reshape(h.shape)
+
+    losses = integrate(fn)
     with torch.no_grad():
         mean_beta = strength.mean().to(device=h.device, dtype=h.dtype)
-    return losses.reshape(h.shape), mean_beta * chosen.detach(), mean_beta * rejected.detach()
+        chosen_rewards, rejected_rewards = mean_beta * chosen.detach(), mean_beta * rejected.detach()
+        # One check (one device sync) for everything: a NaN or inf input, margin, loss or reward (a strength
+        # beyond the working dtype's range gives E[beta] = inf) makes this sum non-finite. A sum that merely
+        # overflows is told apart below, where each part is checked on its own.
+        total = (h + losses + chosen_rewards + rejected_rewards).sum()
+    if not bool(torch.isfinite(total)):
+        _raise_non_finite_inputs(tensors, h)
+        strength.check_range(h.dtype)
+        # Strength nodes beyond the dtype's range (E[beta] within it): integrate again with them held finite.
+        losses = integrate(lambda x: strength._with_finite_nodes(fn, x))
+        _raise_non_finite(strength, h, losses, chosen_rewards, rejected_rewards)
+    return losses, chosen_rewards, rejected_rewards
 
 
 __all__ = ["OBJECTIVES", "dpo_loss", "mixdpo_loss"]

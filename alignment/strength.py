@@ -101,6 +101,17 @@ def _count(name: str, value) -> int:
     return int(value)
 
 
+#: Parameter dtypes a strength accepts (``dtype=``).
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _float_dtype(dtype) -> torch.dtype:
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be a floating-point torch dtype ({', '.join(map(str, FLOAT_DTYPES))}), "
+                         f"got {dtype!r}")
+    return dtype
+
+
 def _log_parameter(value: float, dtype: torch.dtype) -> nn.Parameter:
     """A positive parameter trained as its log, so that no optimizer step can leave the domain."""
     return nn.Parameter(torch.tensor(math.log(value), dtype=dtype))
@@ -118,6 +129,8 @@ def check_margin(margin, name: str = "margin") -> torch.Tensor:
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {margin.dtype}")
     bad = ~torch.isfinite(margin)
     if bool(bad.any()):
+        if margin.dim() == 0:
+            raise ValueError(f"{name} is {float(margin)}; it must be finite")
         idx = bad.nonzero().tolist()[:5]
         raise ValueError(f"{name} has {int(bad.sum())} non-finite entries, first at indices {idx}")
     return margin
@@ -182,9 +195,34 @@ class Strength(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ integration through the kernel
+    #: Hold the nodes below the working dtype's largest finite value (set by :meth:`_with_finite_nodes`).
+    _finite_nodes = False
+
+    def _with_finite_nodes(self, fn, h: torch.Tensor):
+        """``fn(h)`` again, with every strength node held at or below the working dtype's largest finite value.
+
+        A node beyond the dtype's range (``exp(mu + sigma z)`` above 3.4e38 in float32) is inf, and ``inf * 0``
+        is NaN where ``sigmoid(beta * 0)`` is 1/2 for every beta. Holding it at the largest finite value gives the
+        right limit for every margin. Only the rare call whose result was not finite pays for this second pass,
+        so the normal path has no extra operation.
+        """
+        self._finite_nodes = True
+        try:
+            return fn(h)
+        finally:
+            self._finite_nodes = False
+
     def _cond(self, h: torch.Tensor, coarse: bool = False):
         """Per-draw log sigmoid(beta_r h_b): (B, R), the draws (1 or B, R, 1) and log-weights."""
-        beta, log_w = self._rule(h.shape[0], h.dtype, h.device, coarse)
+        if self._finite_nodes:
+            # The rule in float64, held below the working dtype's largest value, then cast: no inf enters the
+            # graph, so the gradients stay finite as well (a held node passes no gradient to the parameters).
+            beta, log_w = self._rule(h.shape[0], torch.float64, h.device, coarse)
+            beta, log_w = beta.clamp_max(torch.finfo(h.dtype).max).to(h.dtype), log_w.to(h.dtype)
+        else:
+            beta, log_w = self._rule(h.shape[0], h.dtype, h.device, coarse)
+        if h.shape[0] == 0:  # the kernel cannot reshape an empty batch; the result is (0, R)
+            return h.unsqueeze(-1).expand(-1, beta.shape[1]), beta, log_w
         # One situation, one non-chosen alternative whose attribute difference (rejected - chosen) is -h.
         cond = conditional_loglik((-h).reshape(-1, 1, 1, 1), beta)
         return cond, beta, log_w
@@ -211,9 +249,25 @@ class Strength(nn.Module):
         check_margin(margin)
         h = margin.reshape(-1).to(_working_dtype(margin.dtype))
         out = fn(h)
+        if any(bool(torch.isnan(o).any()) for o in (out if isinstance(out, tuple) else (out,))):
+            out = self._without_nan(fn, h, margin.dim())
         if isinstance(out, tuple):
             return type(out)(*(o.reshape(margin.shape) for o in out))
         return out.reshape(margin.shape)
+
+    def _without_nan(self, fn, h: torch.Tensor, dim: int):
+        """``fn(h)`` with the nodes held finite (NaN came out of the plain pass); a clear error if NaN remains."""
+        out = self._with_finite_nodes(fn, h)
+        for o in out if isinstance(out, tuple) else (out,):
+            nan = torch.isnan(o)
+            if bool(nan.any()):
+                self.check_range(h.dtype)
+                raise ValueError(
+                    f"the {self._describe()} gives NaN in {h.dtype} at {'' if dim == 1 else 'flattened '}margin "
+                    f"indices {nan.nonzero().squeeze(-1).tolist()[:5]}: its parameters are outside what {h.dtype} "
+                    "can integrate; pass float64 margins"
+                )
+        return out
 
     def log_prob_preferred(self, margin: torch.Tensor) -> torch.Tensor:
         """``log E_beta[sigmoid(beta * margin)]``, elementwise; any shape, differentiable.
@@ -264,6 +318,28 @@ class Strength(nn.Module):
 
     def forward(self, margin: torch.Tensor) -> torch.Tensor:
         return self.log_prob_preferred(margin)
+
+    def check_range(self, dtype: torch.dtype = torch.float32) -> None:
+        """Raise a ValueError when E[beta] is not finite in ``dtype``, the working dtype of the margins.
+
+        The rewards ``E[beta] * log-ratio`` and the loss's derivative in the margin at 0, ``E[beta] / 2``, scale
+        with the mean: a strength whose mean overflows the working dtype (e.g. a lognormal ``mu`` above about 88
+        in float32, 709 in float64) cannot give finite results. The error names the parameters and the limit.
+        """
+        with torch.no_grad():
+            mean = self.mean().detach()
+            finite = bool(torch.isfinite(mean.to(torch.float64)) & torch.isfinite(mean.to(dtype)))
+        if not finite:
+            raise ValueError(
+                f"the {self._describe()} has E[beta] = {float(mean):.4g}, which is not finite in {dtype} (largest "
+                f"finite value {torch.finfo(dtype).max:.4g}): the rewards E[beta] * log-ratio and the loss's "
+                "gradients cannot be represented. Choose parameters with a smaller E[beta]"
+                + ("." if dtype == torch.float64 else ", or pass float64 log-probabilities (margins).")
+            )
+
+    def _describe(self) -> str:
+        params = ", ".join(f"{k}={v:.4g}" for k, v in self.family_params().items())
+        return f"{self.family} strength ({params})"
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v:.4g}" for k, v in self.family_params().items())
@@ -347,7 +423,7 @@ class PointStrength(Strength):
     def __init__(self, beta: float = 0.1, *, learnable: bool = False, integrator: str = "exact",
                  nodes: int | None = None, dtype: torch.dtype = torch.float64):
         super().__init__(integrator, nodes, 0, None)
-        b = torch.tensor(_positive("beta", beta), dtype=dtype)
+        b = torch.tensor(_positive("beta", beta), dtype=_float_dtype(dtype))
         self.learnable = bool(learnable)
         if self.learnable:
             self.log_beta = nn.Parameter(torch.log(b))
@@ -405,6 +481,7 @@ class LogNormalStrength(Strength):
                  seed: int | None = 0, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float64):
         super().__init__(integrator, nodes, seed, generator)
+        dtype = _float_dtype(dtype)
         sigma = _positive("sigma", sigma)
         mu = self._initial_location("mu", mu, mean, fix_mean, dtype, check=_finite,
                                     from_mean=lambda m: math.log(m) - 0.5 * sigma**2)
@@ -503,6 +580,7 @@ class GammaStrength(Strength):
                  seed: int | None = 0, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float64):
         super().__init__(integrator, nodes, seed, generator)
+        dtype = _float_dtype(dtype)
         shape = _positive("shape", shape)
         rate = self._initial_location("rate", rate, mean, fix_mean, dtype, check=_positive,
                                       from_mean=lambda m: shape / m)
@@ -641,6 +719,7 @@ def make_strength(name: str, init: dict | None = None, integrator: str | None = 
 
 __all__ = [
     "DEFAULT_NODES",
+    "FLOAT_DTYPES",
     "STRENGTHS",
     "GammaStrength",
     "LogNormalStrength",

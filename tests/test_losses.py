@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alignment import GammaStrength, LogNormalStrength, PointStrength, dpo_loss, make_strength, mixdpo_loss
+from alignment import (
+    OBJECTIVES,
+    GammaStrength,
+    LogNormalStrength,
+    PointStrength,
+    dpo_loss,
+    make_strength,
+    mixdpo_loss,
+)
 
 F64 = torch.float64
 
@@ -215,6 +224,80 @@ def test_bad_input_is_a_clear_error():
         mixdpo_loss(pc, pr, rc, rr, strength=s, label_smoothing=1.5)
     with pytest.raises(ValueError, match="beta must be a positive finite number"):
         dpo_loss(pc, pr, rc, rr, beta=0.0)
+
+
+def test_zero_dim_nan_is_named_without_indices():
+    zero, nan = torch.tensor(0.0), torch.tensor(float("nan"))
+    with pytest.raises(ValueError, match=r"^non-finite log-probabilities: policy_chosen_logps is nan$"):
+        mixdpo_loss(nan, zero, zero, zero, strength=LogNormalStrength())
+    with pytest.raises(ValueError, match=r"^non-finite log-probabilities: ref_rejected_logps is inf$"):
+        dpo_loss(zero, zero, zero, torch.tensor(float("inf")))
+    # 0-dim inputs that are finite give 0-dim results
+    losses, cr, rj = mixdpo_loss(zero, zero, zero, zero, strength=LogNormalStrength())
+    assert losses.shape == cr.shape == rj.shape == () and abs(float(losses.detach()) - math.log(2.0)) < 1e-7
+
+
+@pytest.mark.parametrize("family,kw", [("point", {}), ("lognormal", {}), ("lognormal", {"integrator": "quadrature"}),
+                                       ("lognormal", {"integrator": "mc"}), ("lognormal", {"integrator": "qmc"}),
+                                       ("gamma", {}), ("gamma", {"integrator": "quadrature"}),
+                                       ("gamma", {"integrator": "mc"})])
+def test_empty_batch_gives_empty_losses_and_rewards(family, kw):
+    empty = [torch.zeros(0, requires_grad=i < 2) for i in range(4)]
+    strength = make_strength(family, **kw)
+    for objective in OBJECTIVES:
+        for eps in (0.0, 0.1):
+            losses, cr, rj = mixdpo_loss(*empty, strength=strength, objective=objective, label_smoothing=eps)
+            assert losses.shape == cr.shape == rj.shape == (0,) and losses.dtype == torch.float32
+            losses.sum().backward()  # still part of the graph
+    assert empty[0].grad.shape == (0,)
+
+
+def _zeros(dtype=torch.float32, n=3):
+    return [torch.zeros(n, dtype=dtype) for _ in range(4)]
+
+
+def test_strength_beyond_the_working_dtype_is_a_clear_error_not_nan():
+    # E[beta] = exp(100.125) = 3e43 is inf in float32 (largest 3.4e38): the rewards would be inf * 0 = NaN.
+    with pytest.raises(ValueError, match=r"the lognormal strength \(mu=100, sigma=0.5\) has E\[beta\] = 3.046e\+43, "
+                                         r"which is not finite in torch.float32 \(largest finite value 3.403e\+38\)"):
+        mixdpo_loss(*_zeros(), strength=LogNormalStrength(mu=100.0))
+    with pytest.raises(ValueError, match=r"\(mu=800, sigma=0.5\) has E\[beta\] = inf, which is not finite in "
+                                         r"torch.float64 \(largest finite value 1.798e\+308\)"):
+        mixdpo_loss(*_zeros(F64), strength=LogNormalStrength(mu=800.0))
+    with pytest.raises(ValueError, match=r"gamma strength \(shape=2, rate=1e-40\) has E\[beta\] = 2e\+40"):
+        mixdpo_loss(*_zeros(), strength=GammaStrength(shape=2.0, rate=1e-40))
+    with pytest.raises(ValueError, match=r"point strength \(beta=1e\+40\) has E\[beta\] = 1e\+40"):
+        mixdpo_loss(*_zeros(), strength=PointStrength(1e40))
+    # The same strength is fine where the working dtype holds it: a zero margin costs log 2, the rewards are 0.
+    losses, cr, rj = mixdpo_loss(*_zeros(F64), strength=LogNormalStrength(mu=100.0))
+    assert torch.allclose(losses, torch.full((3,), math.log(2.0), dtype=F64), rtol=0, atol=1e-15)
+    assert not cr.any() and not rj.any()
+    # E[beta] finite, but E[beta] times a huge log-ratio is not: the rewards are named with their indices.
+    pc = torch.tensor([1e10, -1e10, 5.0])
+    with pytest.raises(ValueError, match=r"MixDPO chosen_rewards at batch indices \[0, 1\]: not finite in "
+                                         r"torch.float32 with the lognormal strength \(mu=80, sigma=0.5\)"):
+        mixdpo_loss(pc, *_zeros()[1:], strength=LogNormalStrength(mu=80.0))
+
+
+@pytest.mark.parametrize("integrator", ["gauss-hermite", "quadrature", "mc", "qmc"])
+def test_nodes_beyond_the_working_dtype_still_give_log_2_at_zero_margin(integrator):
+    # E[beta] = exp(85.5) = 1.3e37 fits float32, but the far nodes exp(85 + 8.5) do not: inf * 0 must not be NaN.
+    strength = LogNormalStrength(mu=85.0, sigma=1.0, integrator=integrator, nodes=128)
+    logps = [torch.zeros(3, requires_grad=i < 2) for i in range(4)]
+    for objective in OBJECTIVES:
+        for eps in (0.0, 0.2):
+            losses, cr, rj = mixdpo_loss(*logps, strength=strength, objective=objective, label_smoothing=eps)
+            assert torch.allclose(losses, torch.full((3,), math.log(2.0)), rtol=0, atol=1e-6), losses
+            assert not cr.any() and not rj.any()
+            grads = torch.autograd.grad(losses.sum(), [logps[0], *strength.parameters()], allow_unused=True)
+            assert all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+
+
+def test_a_sum_that_only_overflows_is_no_error():
+    # Every entry is finite, but their float32 sum (the one check of the normal path) overflows.
+    big = torch.tensor([2e38, 2e38])
+    losses, cr, rj = mixdpo_loss(big, torch.zeros(2), torch.zeros(2), torch.zeros(2), strength=PointStrength(1.0))
+    assert torch.equal(losses, torch.zeros(2)) and torch.equal(cr, big) and not rj.any()
 
 
 # --------------------------------------------------------------------------------------------- package

@@ -398,10 +398,57 @@ def test_recovers_gamma_strength():
     (lambda: make_strength("point", {"sigma": 1.0}), "does not take 'sigma'"),
     (lambda: LogNormalStrength().log_prob_preferred(torch.tensor([1.0, _f("inf")])), r"non-finite.*\[\[1\]\]"),
     (lambda: LogNormalStrength().log_prob_preferred(torch.tensor([1, 2])), "floating-point"),
+    (lambda: LogNormalStrength().log_prob_preferred(torch.tensor(_f("nan"))),
+     r"^margin is nan; it must be finite$"),
+    (lambda: LogNormalStrength(dtype=torch.int64), (r"dtype must be a floating-point torch dtype \(torch.float64, "
+                                                    r"torch.float32, torch.bfloat16, torch.float16\), got torch.int64")),
+    (lambda: PointStrength(dtype=torch.int32), "dtype must be a floating-point torch dtype.*got torch.int32"),
+    (lambda: GammaStrength(dtype="float32"), "dtype must be a floating-point torch dtype.*got 'float32'"),
+    # E[beta] = shape / rate = 2e40 is beyond float32: named instead of a NaN
+    (lambda: GammaStrength(rate=1e-40, shape=2.0).log_prob_preferred(torch.tensor([1.0])),
+     r"gamma strength \(shape=2, rate=1e-40\) has E\[beta\] = 2e\+40, which is not finite in torch.float32"),
+    # E[beta] fits float32 but the posterior's spread does not: the NaN is named with its index
+    (lambda: LogNormalStrength(mu=80.0).posterior(torch.tensor([1.0, -1.0])),
+     r"lognormal strength \(mu=80, sigma=0.5\) gives NaN in torch.float32 at margin indices \[1\]"),
+    (lambda: LogNormalStrength(mu=100.0).check_range(torch.float32),
+     r"E\[beta\] = 3.046e\+43, which is not finite in torch.float32 \(largest finite value 3.403e\+38\)"),
 ])
 def test_bad_input_is_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("strength", [
+    LogNormalStrength(mu=100.0),  # every node is beyond float32 (3.4e38)
+    LogNormalStrength(mu=85.0, sigma=1.0, integrator="quadrature"),  # only the far nodes are
+    LogNormalStrength(mu=100.0, integrator="mc"),
+    LogNormalStrength(mu=100.0, integrator="qmc"),
+    PointStrength(1e40),
+], ids=["gauss-hermite", "quadrature-tail", "mc", "qmc", "point"])
+def test_zero_margin_gives_one_half_whatever_the_strength(strength):
+    # sigmoid(beta * 0) = 1/2 for every beta, even one that overflows the working dtype (inf * 0 is NaN)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(strength.log_prob_preferred(torch.zeros(3, dtype=dtype)),
+                           torch.full((3,), math.log(0.5), dtype=torch.float32))
+    # a confident margin's limit: probability 1 (log 0) or a vanishing one, never NaN
+    lp = strength.log_prob_preferred(torch.tensor([1.0, -1.0]))
+    assert _f(lp[0].detach()) == 0.0 and _f(lp[1].detach()) < -1e30
+    assert abs(_f(strength.expected_log_prob(torch.zeros(())).detach()) - math.log(0.5)) < 1e-7
+    strength.check_range(torch.float64)  # E[beta] fits float64: no error
+    if _f(strength.mean().detach()) > torch.finfo(torch.float32).max:
+        with pytest.raises(ValueError, match="which is not finite in torch.float32"):
+            strength.check_range(torch.float32)
+
+
+@pytest.mark.parametrize("family,kwargs", ALL_CONFIGS)
+def test_empty_margins_give_empty_results(family, kwargs):
+    strength = make_strength(family, **kwargs)
+    for margin in (torch.zeros(0), torch.zeros(0, 3, dtype=torch.float64)):
+        assert strength.log_prob_preferred(margin).shape == margin.shape
+        assert strength.expected_log_prob(margin).shape == margin.shape
+        assert all(t.shape == margin.shape for t in strength.posterior(margin))
+        if kwargs.get("integrator") not in ("mc", "qmc"):
+            assert strength.error_estimate(margin).shape == margin.shape
 
 
 def test_wrong_types_are_type_errors():
