@@ -35,6 +35,9 @@ __all__ = [
     "smollm2_dir",
 ]
 
+#: Name of the markdown summary ``mixdpo report`` writes next to its plots.
+REPORT_FILE = "report.md"
+
 #: Environment variable naming the SmolLM2 GGUF cache directory.
 SMOLLM2_ENV = "MIXDPO_SMOLLM2_DIR"
 
@@ -371,11 +374,175 @@ def prepare_tiny_task(
     return train, test, tokenizer, model
 
 
+# ---------------------------------------------------------------------------------------------- argument checks
+def _number(text: str, convert, low: float, inclusive: bool, what: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < low or (value == low and not inclusive):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the error names the flag, as argparse does for every type)."""
+    return _number(text, int, 1, True, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, 0, True, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, 0.0, False, "a finite number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _number(text, float, 0.0, True, "a finite number >= 0")
+
+
+def open_fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = _number(text, float, 0.0, False, "a number between 0 and 1 (exclusive)")
+    if value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def _listing(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_not_file(flag: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a directory; choose a directory for {flag}")
+
+
+#: Files of a ``mixdpo train`` run, named first when --output already holds them.
+RUN_RESULTS = ("metrics.json", "model.safetensors", "adapter_model.safetensors", "strength.pt", "strength.json",
+               "mixdpo_run.json", "margins.npz")
+
+
+def _run_file_first(name: str) -> tuple[int, str]:
+    return (RUN_RESULTS.index(name) if name in RUN_RESULTS else len(RUN_RESULTS), name)
+
+
+def _checkpoint_step(name: str) -> int:
+    step = name.rsplit("-", 1)[-1]
+    return int(step) if step.isdigit() else -1
+
+
+def _refuse_replacing(flag: str, path: str, present: list[str], hint: str = "") -> None:
+    """Refuse to write over the files ``present`` in ``path`` (the caller skips this with --overwrite)."""
+    if present:
+        raise ValueError(
+            f"{flag} {path} already holds {_listing(present)}; pass --overwrite to replace them or choose "
+            f"another {flag}{hint}"
+        )
+
+
+def _check_train(a) -> None:
+    """Check the flags of ``train`` that argparse's types cannot, before any data or model is loaded."""
+    import torch
+
+    if a.resume and not os.path.isdir(a.resume):
+        raise ValueError(f"--resume {a.resume} is not a directory; pass a checkpoint-N directory of an earlier run")
+    _check_not_file("--output", a.output)
+    if not a.overwrite and os.path.isdir(a.output):
+        entries = sorted(os.listdir(a.output))
+        checkpoints = [n for n in entries if n.startswith("checkpoint-") and os.path.isdir(os.path.join(a.output, n))]
+        # Resuming continues the checkpoints of the run in --output: they are expected there, nothing else is.
+        present = sorted((n for n in entries if not (a.resume and n in checkpoints)), key=_run_file_first)
+        latest = max(checkpoints, key=_checkpoint_step, default=None)
+        hint = f" (or continue that run with --resume {os.path.join(a.output, latest)})" if (
+            latest and not a.resume) else ""
+        _refuse_replacing("--output", a.output, present, hint)
+    from .losses import OBJECTIVES
+    from .trainer import STRENGTH_FAMILIES, _build_strength, default_strength_init
+
+    if a.objective not in OBJECTIVES:
+        raise ValueError(f"--objective {a.objective!r} is not an objective; accepted: {', '.join(OBJECTIVES)}")
+    if a.strength not in STRENGTH_FAMILIES:
+        raise ValueError(f"--strength {a.strength!r} is not a strength family; accepted: "
+                         f"{', '.join(STRENGTH_FAMILIES)}")
+    # Build the strength from the flags with the library's own checks, one flag at a time so the error names it.
+    init_flag = f"--strength-init '{a.strength_init}'" if a.strength_init is not None else f"--beta {a.beta}"
+    a.strength_init = _strength_init(a.strength_init)
+    fix_mean = a.fix_mean and a.strength != "point"
+    init = _naming(init_flag, default_strength_init, a.strength, a.beta, a.strength_init, a.fix_mean)
+    strength = _naming(init_flag, _build_strength, a.strength, init, None, None, fix_mean, a.beta)
+    if a.integrator is not None:
+        strength = _naming(f"--integrator {a.integrator!r}", _build_strength, a.strength, init, a.integrator, None,
+                           fix_mean, a.beta)
+    if a.nodes is not None:
+        _naming(f"--nodes {a.nodes}", _build_strength, a.strength, init, a.integrator, a.nodes, fix_mean, a.beta)
+    # The trainer's log-probabilities are float32 (half precision is upcast): E[beta] must be finite there.
+    _naming(init_flag, strength.check_range, torch.float32)
+
+
+def _naming(flag: str, fn, *args):
+    """``fn(*args)``, with a ValueError or TypeError re-raised as a ValueError that names ``flag``."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def _strength_init(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        init = json.loads(text)
+    except json.JSONDecodeError:
+        init = None
+    if isinstance(init, dict):
+        return init
+    raise ValueError(
+        f"--strength-init must be a JSON object of the family's initial parameters, e.g. "
+        f"'{{\"sigma\": 1.0}}', got {text!r}"
+    )
+
+
+def _check_evaluate(a) -> None:
+    if not a.json:
+        return
+    if os.path.isdir(a.json):
+        raise ValueError(f"--json {a.json} is a directory; pass a file name for the metrics")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise ValueError(f"--json {a.json}: its directory does not exist")
+    if os.path.exists(a.json) and not a.overwrite:
+        raise ValueError(f"--json {a.json} already exists; pass --overwrite to replace it or choose another --json")
+
+
+def _check_report(a) -> None:
+    from .diagnostics import PLOT_FILES
+
+    out = _report_dir(a)
+    _check_not_file("--out", out)
+    if not a.overwrite:
+        _refuse_replacing("--out", out, [n for n in (REPORT_FILE, *PLOT_FILES) if os.path.exists(os.path.join(out, n))])
+
+
+def _report_dir(a) -> str:
+    return a.out or os.path.join(a.run_dir, "report")
+
+
 # ---------------------------------------------------------------------------------------------- subcommands
-def _load_data(path: str):
+def _load_data(path: str, flag: str = "--data", group_column: str | None = None):
+    """Preference pairs from ``path``; a missing ``--group-column`` is named by its flag."""
     from .data import load_preference_data
 
-    return load_preference_data(path)
+    data = load_preference_data(path)
+    if group_column is not None and group_column not in data.column_names:
+        raise ValueError(
+            f"--group-column {group_column!r} is not a column of {flag} {path} (its columns: "
+            f"{', '.join(data.column_names)})"
+        )
+    return data
 
 
 def _cmd_train(a) -> int:
@@ -385,11 +552,17 @@ def _cmd_train(a) -> int:
     from .data import validate_preference_dataset
     from .trainer import MixDPOConfig, MixDPOTrainer
 
-    data = _load_data(a.data)
+    data = _load_data(a.data, "--data", a.group_column)
     if a.eval_data:
-        train, test = data, _load_data(a.eval_data)
+        train, test = data, _load_data(a.eval_data, "--eval-data", a.group_column)
     else:
-        parts = data.train_test_split(test_size=a.eval_fraction, seed=a.seed)
+        try:
+            parts = data.train_test_split(test_size=a.eval_fraction, seed=a.seed)
+        except ValueError:
+            raise ValueError(
+                f"--eval-fraction {a.eval_fraction} cannot split the {len(data)} pairs of --data {a.data} into "
+                "non-empty training and evaluation sets; choose another fraction or pass --eval-data"
+            ) from None
         train, test = parts["train"], parts["test"]
     validate_preference_dataset(train, a.group_column, a.data)
     model, tokenizer = load_causal_lm(a.model)
@@ -449,6 +622,8 @@ def _cmd_train(a) -> int:
     trainer.train(resume_from_checkpoint=a.resume or None)
     wall = time.perf_counter() - t0
     metrics = trainer.evaluate()
+    if a.overwrite and not a.lora:
+        _remove_stale_adapter(a.output)
     trainer.save_model(a.output)
     tokenizer.save_pretrained(a.output)
     margins = trainer.pair_margins(test)
@@ -490,10 +665,19 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _remove_stale_adapter(folder: str) -> None:
+    """An adapter left by an earlier LoRA run in --output would make the new full model load as that adapter."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            print(f"removed {path} of the earlier LoRA run (--overwrite)", file=sys.stderr)
+
+
 def _cmd_evaluate(a) -> int:
     from .evaluate import evaluate
 
-    data = _load_data(a.data)
+    data = _load_data(a.data, "--data", a.group_column)
     run_file = os.path.join(a.model, "mixdpo_run.json")
     run = {}
     if os.path.isfile(run_file):
@@ -554,7 +738,7 @@ def _cmd_report(a) -> int:
         raise SystemExit(f"{run_dir!r} is not a MixDPO run directory (no strength.json).")
     data = _load_data(a.data) if a.data else None
     idata = strength_to_arviz(run_dir, data)
-    out = a.out or os.path.join(run_dir, "report")
+    out = _report_dir(a)
     paths = plot_strength(idata, out, dpo_beta=info.get("beta"))
     rows = [{"quantity": f"beta/{k}", "value": float(v)} for k, v in info.get("params", {}).items()]
     post = idata.posterior["beta"].values.ravel()
@@ -580,7 +764,7 @@ def _cmd_report(a) -> int:
         + "\n".join(f"![]({os.path.basename(p)})" for p in paths)
         + "\n"
     )
-    with open(os.path.join(out, "report.md"), "w") as f:
+    with open(os.path.join(out, REPORT_FILE), "w") as f:
         f.write(text)
     print(text)
     print("plots:", *paths, sep="\n  ")
@@ -697,56 +881,63 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ref-model", help="reference model directory (default: --model)")
     t.add_argument("--data", required=True, help="preference pairs: FILE.jsonl or a save_to_disk directory")
     t.add_argument("--eval-data", help="held-out pairs (default: --eval-fraction of --data)")
-    t.add_argument("--eval-fraction", type=float, default=0.1)
-    t.add_argument("--output", required=True, help="run directory")
+    t.add_argument("--eval-fraction", type=open_fraction, default=0.1,
+                   help="share of --data held out for evaluation when there is no --eval-data (0 to 1)")
+    t.add_argument("--output", required=True, help="run directory (refused if it holds files, unless --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="write the run over the files already in --output")
     t.add_argument("--strength", default="lognormal", help="point | lognormal | gamma")
     t.add_argument("--strength-init", help="initial family parameters as JSON, e.g. '{\"sigma\": 1.0}'")
     t.add_argument("--integrator", help="integrator of E_beta (family default if omitted)")
-    t.add_argument("--nodes", type=int, help="quadrature nodes or draws")
-    t.add_argument("--strength-lr", type=float, help="strength learning rate (default min(1000 lr, 1e-2))")
+    t.add_argument("--nodes", type=positive_int, help="quadrature nodes or draws")
+    t.add_argument("--strength-lr", type=non_negative_float,
+                   help="strength learning rate (default min(1000 lr, 1e-2))")
     t.add_argument("--fix-mean", action="store_true", help="pin E[beta] to --beta, learn only the spread")
     t.add_argument("--objective", default="marginal", help="marginal | expected")
     t.add_argument("--group-column", help="subgroup or annotator column (macro accuracy)")
-    t.add_argument("--beta", type=float, default=0.1)
-    t.add_argument("--lr", type=float, default=1e-6)
-    t.add_argument("--epochs", type=float, default=1.0)
-    t.add_argument("--max-steps", type=int, default=0)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--max-length", type=int, default=1024)
-    t.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    t.add_argument("--beta", type=positive_float, default=0.1)
+    t.add_argument("--lr", type=non_negative_float, default=1e-6)
+    t.add_argument("--epochs", type=positive_float, default=1.0)
+    t.add_argument("--max-steps", type=non_negative_int, default=0, help="training steps (0: --epochs decides)")
+    t.add_argument("--batch-size", type=positive_int, default=8)
+    t.add_argument("--grad-accum", type=positive_int, default=1)
+    t.add_argument("--max-length", type=positive_int, default=1024)
+    t.add_argument("--lora", type=non_negative_int, default=0, help="LoRA rank (0: full fine-tuning)")
     t.add_argument("--precompute-ref", action="store_true", help="precompute the reference log-probs")
     t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--logging-steps", type=int, default=10)
-    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: no checkpoints)")
+    t.add_argument("--logging-steps", type=positive_int, default=10)
+    t.add_argument("--save-steps", type=non_negative_int, default=0,
+                   help="checkpoint every N steps (0: no checkpoints)")
     t.add_argument("--resume", help="checkpoint directory to resume from")
     t.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=_cmd_train, check=_check_train)
 
     e = sub.add_parser("evaluate", help="preference accuracy and margins of a policy against a reference")
     e.add_argument("--model", required=True, help="policy directory (or a mixdpo train run directory)")
     e.add_argument("--ref-model", help="reference directory (default: the run's reference)")
     e.add_argument("--data", required=True)
     e.add_argument("--group-column")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-length", type=int)
+    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--max-length", type=positive_int)
     e.add_argument("--json", help="also write the metrics to this JSON file")
-    e.set_defaults(func=_cmd_evaluate)
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    e.set_defaults(func=_cmd_evaluate, check=_check_evaluate)
 
     r = sub.add_parser("report", help="plots and a metrics table of a mixdpo train run")
     r.add_argument("run_dir")
     r.add_argument("--data", help="pairs for the per-pair strengths (default: the run's held-out margins)")
     r.add_argument("--out", help="output directory (default RUN_DIR/report)")
-    r.set_defaults(func=_cmd_report)
+    r.add_argument("--overwrite", action="store_true", help="replace an earlier report.md and plots in --out")
+    r.set_defaults(func=_cmd_report, check=_check_report)
 
     d = sub.add_parser(
         "demo", help="DPO vs MixDPO on the synthetic pluralistic task (tiny model), or SmolLM2"
     )
     d.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
-    d.add_argument("--pairs", type=int, default=1200)
+    d.add_argument("--pairs", type=positive_int, default=1200)
     d.add_argument("--heterogeneity", type=float, default=1.5)
-    d.add_argument("--steps", type=int, default=None, help="training steps per method (tiny 150, smollm2 5)")
-    d.add_argument("--pretrain-steps", type=int, default=200)
+    d.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps per method (tiny 150, smollm2 5)")
+    d.add_argument("--pretrain-steps", type=non_negative_int, default=200)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--output", help="output directory of the smollm2 demo")
     d.add_argument(
@@ -768,6 +959,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "demo" and a.steps is None:
         a.steps = 5 if a.model == "smollm2" else 150
     try:
+        check = getattr(a, "check", None)
+        if check is not None:  # flags argparse's types cannot check alone, before any data or model is loaded
+            check(a)
         return a.func(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"mixdpo {a.command}: error: {e}", file=sys.stderr)

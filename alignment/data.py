@@ -68,6 +68,7 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
             ds = ds[split]
     elif os.path.isfile(path):
         rows: list[dict[str, Any]] = []
+        lines: list[int] = []  # JSONL line number of each row, for error messages
         with open(path, encoding="utf-8") as f:
             if path.endswith(".json"):
                 try:
@@ -84,6 +85,7 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path!r} line {lineno} is not valid JSON: {e}") from e
+                    lines.append(lineno)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise ValueError(  # noqa: TRY004 - malformed file content, not a wrong argument type
@@ -91,7 +93,7 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
                 )
         if not rows:
             raise ValueError(f"{path!r} holds no preference pairs.")
-        ds = datasets.Dataset.from_list(rows)
+        ds = _table_from_rows(rows, path, lines)
     else:
         raise ValueError(
             f"No such preference data file or directory: {path!r} (expected a .jsonl file or a "
@@ -99,6 +101,71 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
         )
     validate_preference_dataset(ds, name=path)
     return ds
+
+
+def _json_kind(value: Any) -> str | None:
+    """The JSON type of a value, as named in error messages (None for null, which fits any column)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _json_kinds(value: Any, field: str):
+    """``(field, kind)`` of a value and of everything nested in it (list items as ``field[]``)."""
+    yield field, _json_kind(value)
+    if isinstance(value, list):
+        for item in value:
+            yield from _json_kinds(item, field + "[]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _json_kinds(item, f"{field}.{key}")
+
+
+def _first_type_conflict(rows: list[dict[str, Any]]):
+    """The first field whose JSON type differs from an earlier value's.
+
+    Returns ``(column, field, row, kind, first_row, first_kind)``, or None when every field keeps one type.
+    """
+    seen: dict[str, tuple[int, str]] = {}
+    for i, row in enumerate(rows):
+        for column, value in row.items():
+            for field, kind in _json_kinds(value, column):
+                if kind is None:
+                    continue
+                first = seen.setdefault(field, (i, kind))
+                if first[1] != kind:
+                    return column, field, i, kind, first[0], first[1]
+    return None
+
+
+def _table_from_rows(rows: list[dict[str, Any]], path: str, lines: list[int]):
+    """``datasets.Dataset.from_list(rows)``, with Arrow's type errors turned into one naming the column and row."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        return datasets.Dataset.from_list(rows)
+    except (pa.ArrowException, TypeError, ValueError) as e:
+        conflict = _first_type_conflict(rows)
+        if conflict is None:
+            raise ValueError(f"{path!r} could not be read as a table of preference pairs: {e}") from e
+        column, field, row, kind, first_row, first_kind = conflict
+
+        def where(i: int) -> str:
+            return f"row {i} (line {lines[i]})" if lines else f"row {i}"
+
+        at = "" if field == column else f" at {field}"
+        raise ValueError(
+            f"{path!r} column {column!r} holds {kind}{at} in {where(row)} but {first_kind} in {where(first_row)}: "
+            "a column must have one type in every row (prompt, chosen and rejected: all strings, or all lists "
+            "of {'role', 'content'} messages)."
+        ) from None
 
 
 def _is_messages(value: Any) -> bool:

@@ -22,12 +22,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MARGINS_FILE", "RUN_FILE", "plot_strength", "run_margins", "strength_to_arviz"]
+__all__ = ["MARGINS_FILE", "PLOT_FILES", "RUN_FILE", "plot_strength", "run_margins", "strength_to_arviz"]
 
 #: Written by ``mixdpo train`` into the run directory: margins of the evaluation pairs after training.
 MARGINS_FILE = "margins.npz"
 #: Written by ``mixdpo train``: how the run was made (model and reference paths, data, options).
 RUN_FILE = "mixdpo_run.json"
+#: Written by :func:`plot_strength` (the last only with groups): the strength density, the per-pair strengths
+#: and the per-group strengths.
+PLOT_FILES = ("strength_density.png", "pair_strengths.png", "strength_by_group.png")
 
 
 def _load_run_models(run_dir: str):
@@ -208,7 +211,7 @@ def plot_strength(run_dir_or_idata, out_dir: str, dataset=None, dpo_beta: float 
     cv = attrs.get("beta_cv")
     ax.legend()
     title = f"Learned strength distribution ({family}" + (f", CV {cv:.2f})" if cv is not None else ")")
-    paths.append(_save(fig, ax, "beta", "density", title, os.path.join(out_dir, "strength_density.png")))
+    paths.append(_save(fig, ax, "beta", "density", title, os.path.join(out_dir, PLOT_FILES[0])))
 
     const = idata.constant_data
     margin = idata.observed_data["margin"].values
@@ -231,7 +234,7 @@ def plot_strength(run_dir_or_idata, out_dir: str, dataset=None, dpo_beta: float 
             "margin h (nats)",
             "posterior beta (mean +- sd)",
             "Per-pair posterior strength",
-            os.path.join(out_dir, "pair_strengths.png"),
+            os.path.join(out_dir, PLOT_FILES[1]),
         )
     )
 
@@ -247,7 +250,7 @@ def plot_strength(run_dir_or_idata, out_dir: str, dataset=None, dpo_beta: float 
                 "group",
                 "posterior mean of beta",
                 "Per-pair posterior strength by group",
-                os.path.join(out_dir, "strength_by_group.png"),
+                os.path.join(out_dir, PLOT_FILES[2]),
             )
         )
     return paths

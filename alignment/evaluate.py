@@ -18,6 +18,18 @@ from .data import tokenize_pair, validate_preference_dataset
 __all__ = ["evaluate", "pair_logratios", "sequence_logps", "summarize_margins"]
 
 
+def _check_batching(batch_size, max_length, truncation_mode) -> None:
+    """Validate the batching arguments up front (before any tokenization or forward pass)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1
+    ):
+        raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+
+
 def _device_of(model):
     try:
         return next(model.parameters()).device
@@ -50,6 +62,7 @@ def sequence_logps(
     """
     import torch
 
+    _check_batching(batch_size, max_length, truncation_mode)
     device = _device_of(model)
     out = np.empty(len(pairs), dtype=np.float64)
     with torch.no_grad():
@@ -122,6 +135,7 @@ def pair_logratios(
         ``row`` (index in ``dataset``), ``chosen_logratio``, ``rejected_logratio``, ``margin`` (nats) and, with
         ``group_column``, ``group`` (str labels); plus ``n_dropped`` (int).
     """
+    _check_batching(batch_size, max_length, truncation_mode)
     validate_preference_dataset(dataset, group_column, "dataset")
     rows, prompts_chosen, prompts_rejected = [], [], []
     n_dropped = 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -93,6 +94,40 @@ def test_load_errors(tmp_path):
         data.load_preference_data(missing)
     with pytest.raises(ValueError, match="No such preference data file"):
         data.load_preference_data(tmp_path / "nope.jsonl")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.mark.parametrize(("rows", "match"), [
+    # a string chosen, then a message list (pyarrow: "Expected bytes, got a 'list' object")
+    ([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": ANS, "rejected": "b"}],
+     r"column 'chosen' holds a list in row 1 \(line 2\) but a string in row 0 \(line 1\)"),
+    # the other way round (pyarrow: "cannot mix list and non-list, non-null values")
+    ([{"prompt": MSG, "chosen": ANS, "rejected": ANS}, {"prompt": MSG, "chosen": "a", "rejected": ANS}],
+     r"column 'chosen' holds a string in row 1 \(line 2\) but a list in row 0 \(line 1\)"),
+    # an int group, then a str one (pyarrow: ArrowInvalid "Could not convert 'x' with type str")
+    ([{"chosen": "a", "rejected": "b", "group": 1}, {"chosen": "a", "rejected": "b", "group": 2},
+      {"chosen": "a", "rejected": "b", "group": "x"}],
+     r"column 'group' holds a string in row 2 \(line 3\) but a number in row 0 \(line 1\)"),
+    # a type clash inside the messages
+    ([{"prompt": MSG, "chosen": ANS, "rejected": ANS},
+      {"prompt": MSG, "chosen": [{"role": "assistant", "content": 7}], "rejected": ANS}],
+     r"column 'chosen' holds a number at chosen\[\]\.content in row 1 \(line 2\) but a string in row 0 \(line 1\)"),
+])
+def test_mixed_types_name_the_file_column_and_row(tmp_path, rows, match):
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ValueError, match=f"^'{re.escape(str(path))}' {match}: a column must have one type in every row"):
+        data.load_preference_data(path)
+
+
+def test_mixed_types_in_a_json_list_name_the_row(tmp_path):
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps([{"chosen": "a", "rejected": "b"}, {"chosen": ANS, "rejected": "b"}]))
+    with pytest.raises(ValueError, match=r"column 'chosen' holds a list in row 1 but a string in row 0: "):
+        data.load_preference_data(path)
 
 
 def test_tokenize_pair_matches_trl_split():

@@ -4,6 +4,8 @@ import copy
 import json
 import math
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -328,6 +330,17 @@ def test_bad_inputs(task, tmp_path, caplog):
     assert _logged(trainer, "loss")[0] == pytest.approx(math.log(2.0), abs=1e-5)
 
 
+def test_evaluate_checks_its_batching_arguments(task):
+    ds, tok, model = task
+    for kw, match in [
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"max_length": 0}, "max_length must be a positive integer or None, got 0"),
+        ({"truncation_mode": "middle"}, "truncation_mode must be 'keep_start' or 'keep_end', got 'middle'"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            evaluate(model, model, ds, tok, **kw)
+
+
 def test_cli_train_evaluate_report(task, tmp_path, capsys):
     from alignment.cli import main
 
@@ -366,12 +379,15 @@ def test_cli_train_evaluate_report(task, tmp_path, capsys):
                 "--cpu",
                 "--logging-steps",
                 "1",
+                "--save-steps",
+                "1",
             ]
         )
         == 0
     )
     for name in ("strength.pt", "strength.json", "margins.npz", "mixdpo_run.json", "metrics.json"):
         assert (run / name).is_file(), name
+    assert (run / "checkpoint-1").is_dir() and (run / "checkpoint-2").is_dir()
     margins = np.load(run / "margins.npz")
     out = tmp_path / "eval.json"
     assert (
@@ -392,6 +408,18 @@ def test_cli_train_evaluate_report(task, tmp_path, capsys):
     )
     res = json.loads(out.read_text())
     assert res["n_pairs"] == len(ds) and res["n_groups"] == 3
+    # A second evaluate does not replace the metrics file unless asked to.
+    capsys.readouterr()
+    evaluate_again = ["evaluate", "--model", str(run), "--data", str(data), "--group-column", "group", "--json",
+                      str(out)]
+    out.write_text("{}")
+    assert main(evaluate_again) == 2
+    assert f"--json {out} already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert out.read_text() == "{}"
+    assert main([*evaluate_again, "--overwrite"]) == 0
+    assert json.loads(out.read_text()) == res
+    assert main([*evaluate_again[:-1], str(tmp_path / "no" / "eval.json")]) == 2
+    assert "eval.json: its directory does not exist" in capsys.readouterr().err
     assert res["accuracy"] == pytest.approx(float((margins["margin"] > 0).mean()))
     metrics = json.loads((run / "metrics.json").read_text())
     assert res["accuracy_macro"] == pytest.approx(metrics["eval_rewards/accuracies_macro"], abs=1e-6)
@@ -406,9 +434,165 @@ def test_cli_train_evaluate_report(task, tmp_path, capsys):
     assert "strength family: gamma" in text and "beta/shape" in text
     for name in ("strength_density.png", "pair_strengths.png", "strength_by_group.png", "report.md"):
         assert (run / "report" / name).is_file(), name
+    # A second report does not replace the first unless asked to.
+    (run / "report" / "report.md").write_text("my notes")
+    assert main(["report", str(run)]) == 2
+    assert (
+        f"--out {run / 'report'} already holds report.md, strength_density.png, pair_strengths.png, "
+        "strength_by_group.png; pass --overwrite" in capsys.readouterr().err
+    )
+    assert (run / "report" / "report.md").read_text() == "my notes"
+    assert main(["report", str(run), "--overwrite"]) == 0
+    assert "strength family: gamma" in (run / "report" / "report.md").read_text()
     # Errors are reported, not raised, with a non-zero exit status.
-    assert main(["train", "--model", "no/such-model", "--data", str(data), "--output", str(run)]) == 2
+    assert main(["train", "--model", "no/such-model", "--data", str(data), "--output", str(tmp_path / "new")]) == 2
     assert "is not a local directory" in capsys.readouterr().err
+    _check_train_output_is_kept(run, base, data, tmp_path, capsys)
+
+
+def _check_train_output_is_kept(run, base, data, tmp_path, capsys):
+    """A second ``mixdpo train`` into a run directory is refused before any model is loaded; resuming from a
+    checkpoint of an interrupted run in it still works."""
+    from alignment.cli import main
+
+    saved = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    train = ["train", "--data", str(data), "--strength", "gamma", "--max-steps", "2", "--batch-size", "8",
+             "--max-length", "32", "--cpu"]
+    # --model no/such-model: had the model been loaded first, its error would come instead.
+    assert main([*train, "--model", "no/such-model", "--output", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"mixdpo train: error: --output {run} already holds metrics.json, model.safetensors, strength.pt, "
+        "strength.json, mixdpo_run.json, margins.npz, ... ("
+    ) and err.count("\n") == 1, err
+    assert f"pass --overwrite to replace them or choose another --output (or continue that run with --resume " \
+           f"{run / 'checkpoint-2'})" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == saved
+    # With --overwrite the check passes (and the bad model is the next error).
+    assert main([*train, "--model", "no/such-model", "--output", str(run), "--overwrite"]) == 2
+    assert "--model 'no/such-model' is not a local directory" in capsys.readouterr().err
+    assert main([*train, "--model", "no/such-model", "--output", str(data)]) == 2
+    assert f"--output {data} is a file, not a directory" in capsys.readouterr().err
+    # An interrupted run left only its checkpoint: resuming into the same --output needs no --overwrite.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoint-1", resumed / "checkpoint-1")
+    assert main([*train, "--model", str(base), "--output", str(resumed)]) == 2
+    assert "already holds checkpoint-1; pass --overwrite" in capsys.readouterr().err
+    resume = ["--model", str(base), "--output", str(resumed), "--resume", str(resumed / "checkpoint-1")]
+    # (the checkpoint is read: a family other than the run's is refused by the trainer)
+    assert main([*train, *resume, "--strength", "lognormal"]) == 2
+    assert "its strength family is 'gamma' but this run has strength='lognormal'" in capsys.readouterr().err
+    assert main([*train, *resume]) == 0
+    assert json.loads((resumed / "mixdpo_run.json").read_text())["steps"] == 2
+    assert (resumed / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grad-accum", "0"], "argument --grad-accum: must be a positive integer, got '0'"),
+        (["--batch-size", "-2"], "argument --batch-size: must be a positive integer, got '-2'"),
+        (["--nodes", "0"], "argument --nodes: must be a positive integer, got '0'"),
+        (
+            ["--eval-fraction", "1.5"],
+            r"argument --eval-fraction: must be a number between 0 and 1 \(exclusive\), got '1.5'",
+        ),
+        (["--strength-lr", "-1"], "argument --strength-lr: must be a finite number >= 0, got '-1'"),
+        (["--lora", "-1"], "argument --lora: must be an integer >= 0, got '-1'"),
+        (["--beta", "nan"], "argument --beta: must be a finite number > 0, got 'nan'"),
+    ],
+)
+def test_cli_numeric_flags_are_checked_by_argparse(args, message, tmp_path, capsys):
+    from alignment.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model", "m", "--data", "d.jsonl", "--output", str(tmp_path / "o"), *args])
+    assert exit_info.value.code == 2
+    assert re.search(f"mixdpo train: error: {message}\n$", capsys.readouterr().err)
+
+
+def test_cli_evaluate_batch_size_zero(capsys):
+    from alignment.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", "m", "--data", "d.jsonl", "--batch-size", "0"])
+    err = capsys.readouterr().err
+    assert "mixdpo evaluate: error: argument --batch-size: must be a positive integer, got '0'" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--strength-init", '{"sigma": -1}'], "--strength-init '{\"sigma\": -1}': sigma must be a positive finite"),
+        (
+            ["--strength-init", '{"sgima": 1}'],
+            r"--strength-init '{\"sgima\": 1}': strength_init has parameter\(s\) \['sgima'\] that the 'lognormal'",
+        ),
+        (["--strength-init", "sigma=1"], "--strength-init must be a JSON object of the family's initial parameters"),
+        (
+            ["--strength-init", '{"mu": 100}'],
+            (
+                r"--strength-init '{\"mu\": 100}': the lognormal strength \(mu=100, sigma=0.5\) has "
+                r"E\[beta\] = 3.046e\+43, which is not finite in torch.float32"
+            ),
+        ),
+        (
+            ["--beta", "1e40", "--strength", "gamma"],
+            r"--beta 1e\+40: the gamma strength \(shape=4, rate=4e-40\) has E\[beta\] = 1e\+40",
+        ),
+        (
+            ["--integrator", "simpson"],
+            (
+                "--integrator 'simpson': integrator 'simpson' is not available for the lognormal strength; "
+                "accepted: gauss-hermite, quadrature, mc, qmc"
+            ),
+        ),
+        (["--strength", "gamma", "--integrator", "qmc"], "--integrator 'qmc': .* accepted: closed-form, quadrature, mc"),
+        (["--strength", "weibull"], "--strength 'weibull' is not a strength family; accepted: point, lognormal, gamma"),
+        (["--objective", "mean"], "--objective 'mean' is not an objective; accepted: marginal, expected"),
+        (["--resume", "no/such-checkpoint"], "--resume no/such-checkpoint is not a directory"),
+    ],
+)
+def test_cli_flags_are_checked_before_data_and_model_load(args, message, tmp_path, capsys):
+    from alignment.cli import main
+
+    # Neither the data file nor the model exist: their errors would come first if the flags were checked later.
+    assert main(["train", "--model", "no/such-model", "--data", str(tmp_path / "none.jsonl"), "--output",
+                 str(tmp_path / "o"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.match(f"mixdpo train: error: {message}", err) and err.count("\n") == 1, err
+
+
+def test_cli_data_errors_are_one_line(tmp_path, capsys):
+    from alignment.cli import main
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": [{"role": "assistant", "content": "a"}], '
+                     '"rejected": "b"}\n')
+    assert main(["train", "--model", "no/such-model", "--data", str(mixed), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mixdpo train: error: '{mixed}' column 'chosen' holds a list in row 1 (line 2) but a string in "
+                   "row 0 (line 1): a column must have one type in every row (prompt, chosen and rejected: all "
+                   "strings, or all lists of {'role', 'content'} messages).\n")
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"chosen": "a", "rejected": "b"}\n' * 3)
+    assert main(["train", "--model", "no/such-model", "--data", str(few), "--output", str(tmp_path / "o"),
+                 "--eval-fraction", "0.9"]) == 2
+    assert "--eval-fraction 0.9 cannot split the 3 pairs of --data" in capsys.readouterr().err
+    assert main(["train", "--model", "no/such-model", "--data", str(few), "--output", str(tmp_path / "o"),
+                 "--group-column", "annotator"]) == 2
+    assert (f"--group-column 'annotator' is not a column of --data {few} (its columns: chosen, rejected)"
+            in capsys.readouterr().err)
+
+
+def test_overwrite_drops_the_adapter_of_an_earlier_lora_run(tmp_path, capsys):
+    from alignment.cli import _remove_stale_adapter
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json"):
+        (tmp_path / name).write_text("{}")
+    _remove_stale_adapter(str(tmp_path))  # else the new full model would load as the old adapter
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert "removed" in capsys.readouterr().err
 
 
 def test_demo_command_smoke(capsys):
