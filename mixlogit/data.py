@@ -130,6 +130,24 @@ class Design:
     def n_units(self) -> int:
         return int(self.x_rand.shape[0])
 
+    @property
+    def has_unavailable(self) -> bool:
+        """True when some real (not padded) non-chosen alternative is unavailable. Masking costs a pass over
+        the largest tensor, so the kernels skip it when this is False (padding is removed by the situation
+        mask anyway)."""
+        return not bool((self.avail_diff | ~self.situation_mask.unsqueeze(-1)).all())
+
+    @property
+    def x_diff(self) -> torch.Tensor:
+        """(N, T, A, Kr + Kf): random then fixed attribute differences, for kernels that take every
+        coefficient as a draw (see :meth:`mixlogit.spec.Spec.all_coefficients`)."""
+        return torch.cat([self.x_rand_diff, self.x_fixed_diff], -1)
+
+    @property
+    def x(self) -> torch.Tensor:
+        """(N, T, J, Kr + Kf): random then fixed attribute levels."""
+        return torch.cat([self.x_rand, self.x_fixed], -1)
+
     def subset(self, index: slice | torch.Tensor) -> Design:
         """The tensors of a subset of units (row mappings are dropped)."""
         return Design(
@@ -276,6 +294,16 @@ class ChoiceData:
     @property
     def is_panel(self) -> bool:
         return self.panel is not None
+
+    @property
+    def row_chosen(self) -> np.ndarray:
+        """(rows,) bool: the chosen row of every situation, in table order."""
+        return self._chosen
+
+    @property
+    def row_available(self) -> np.ndarray:
+        """(rows,) bool: whether each row's alternative is available, in table order."""
+        return self._avail
 
     def numeric_columns(self) -> list[str]:
         """Columns that can serve as attributes (numeric, not an id/choice/avail/weights column)."""

@@ -90,6 +90,14 @@ class MixedLogit:
         return (f"MixedLogit(random={self.random}, fixed={self.fixed}, asc={self.asc}, base_alt={self.base_alt!r}, "
                 f"correlated={self.correlated or False})")
 
+    def to_dict(self) -> dict:
+        """The constructor's arguments as JSON values: ``MixedLogit(**m.to_dict())`` rebuilds the model."""
+        base = self.base_alt
+        if isinstance(base, (np.integer, np.floating, np.bool_)):
+            base = base.item()
+        return {"random": dict(self.random), "fixed": list(self.fixed), "asc": bool(self.asc), "base_alt": base,
+                "correlated": list(self.correlated)}
+
     # ------------------------------------------------------------------ spec for a data set
     def spec_for(self, data: ChoiceData) -> Spec:
         """The parameter layout on ``data`` (resolves the constants' names)."""

@@ -31,6 +31,17 @@ def write_json(path: str | os.PathLike, payload: dict, overwrite: bool = False, 
     return path
 
 
+def refuse_to_overwrite(folder: str | os.PathLike, names, overwrite: bool) -> None:
+    """Raise FileExistsError naming every one of ``folder/names`` that exists, unless ``overwrite`` is True."""
+    if overwrite:
+        return
+    folder = Path(folder)
+    present = [str(n) for n in names if (folder / n).exists()]
+    if present:
+        raise FileExistsError(f"{folder} already holds {', '.join(present)}; pass overwrite=True (--overwrite on the "
+                              "command line) to replace them, or choose another folder")
+
+
 def read_json(path: str | os.PathLike) -> dict:
     """Read a results file; a missing file or one that is not a JSON object gets an error naming the path."""
     path = Path(path)

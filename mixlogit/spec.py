@@ -117,5 +117,16 @@ class Spec:
                 cols[k] = bc[..., i]
         return torch.stack(cols, dim=-1)
 
+    def all_coefficients(self, theta: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """Random-coefficient draws with the fixed coefficients appended, to match :attr:`Design.x_diff`.
+
+        theta : (P,) or (S, P); beta : (U, S', Kr) draws with S' = S (one theta per draw) or any S' for a
+        shared theta. Returns (U, S', Kr + Kf), so one kernel call covers draws that differ in the fixed part.
+        """
+        bf = self.fixed_coefficients(theta)
+        bf = bf.expand(beta.shape[0], beta.shape[1], self.n_fixed) if bf.dim() == 1 else \
+            bf.unsqueeze(0).expand(beta.shape[0], -1, -1)
+        return torch.cat([beta, bf], -1)
+
     def to_dict(self) -> dict:
         return {"random": dict(self.random), "fixed": list(self.fixed), "correlated": list(self.correlated)}
