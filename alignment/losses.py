@@ -18,15 +18,23 @@ float64. The returned tensors are in that working dtype.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .strength import Strength
+from mixlogit.validation import check_fraction, check_positive
+
+from .strength_base import Strength
 
 #: Names accepted by ``objective``.
 OBJECTIVES = ("marginal", "expected")
+
+
+def check_objective(objective: str) -> str:
+    """``objective`` when it is one of :data:`OBJECTIVES`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
+    return objective
+
 
 _NAMES = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -87,19 +95,11 @@ def _raise_non_finite(strength: Strength, h, losses, chosen_rewards, rejected_re
         if bool(bad.any()):
             mean, largest = float(strength.mean().detach()), float(h.abs().max().detach())
             raise ValueError(
-                f"MixDPO {name} {_where(t, bad)}: not finite in {h.dtype} with the {strength._describe()} "
+                f"MixDPO {name} {_where(t, bad)}: not finite in {h.dtype} with the {strength.describe()} "
                 f"(E[beta] = {mean:.4g}, largest |margin| {largest:.4g}): E[beta] or beta times the margin "
                 f"overflows {h.dtype}. Choose a strength with a smaller E[beta]"
                 + ("." if h.dtype == torch.float64 else ", or use float64 log-probabilities.")
             )
-
-
-def _check_smoothing(label_smoothing) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not (
-        math.isfinite(label_smoothing) and 0.0 <= label_smoothing <= 1.0
-    ):
-        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    return float(label_smoothing)
 
 
 def dpo_loss(
@@ -115,9 +115,8 @@ def dpo_loss(
     Each log-prob tensor has shape (B,) (any common shape works elementwise). ``beta > 0``.
     Returns ``(losses, chosen_rewards, rejected_rewards)``: ``-log sigmoid(beta h)`` and ``beta * log-ratio``.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-    eps = _check_smoothing(label_smoothing)
+    check_positive("beta", beta)
+    eps = check_fraction("label_smoothing", label_smoothing, closed=True)
     h, chosen, rejected = _margin((policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                    ref_rejected_logps))
     losses = -F.logsigmoid(beta * h)
@@ -155,12 +154,11 @@ def mixdpo_loss(
             f"strength must be an alignment Strength (PointStrength, LogNormalStrength, GammaStrength), "
             f"got {type(strength).__name__}"
         )
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
-    eps = _check_smoothing(label_smoothing)
+    check_objective(objective)
+    eps = check_fraction("label_smoothing", label_smoothing, closed=True)
     tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     h, chosen, rejected = _margin(tensors, check=False)
-    fn = strength._log_prob if objective == "marginal" else strength._expected_log_prob
+    fn = strength.log_prob_marginal if objective == "marginal" else strength.log_prob_expected
     flat = h.reshape(-1)
 
     def integrate(log_prob) -> torch.Tensor:
@@ -182,9 +180,9 @@ def mixdpo_loss(
         _raise_non_finite_inputs(tensors, h)
         strength.check_range(h.dtype)
         # Strength nodes beyond the dtype's range (E[beta] within it): integrate again with them held finite.
-        losses = integrate(lambda x: strength._with_finite_nodes(fn, x))
+        losses = integrate(lambda x: strength.with_finite_nodes(fn, x))
         _raise_non_finite(strength, h, losses, chosen_rewards, rejected_rewards)
     return losses, chosen_rewards, rejected_rewards
 
 
-__all__ = ["OBJECTIVES", "dpo_loss", "mixdpo_loss"]
+__all__ = ["OBJECTIVES", "check_objective", "dpo_loss", "mixdpo_loss"]
