@@ -19,10 +19,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from mixlogit.validation import check_choice
+
 __all__ = [
     "ACCEPTED_FORMATS",
+    "TRUNCATION_MODES",
     "detect_format",
     "drop_empty_completions",
+    "extract_prompt",
     "load_preference_data",
     "tokenize_pair",
     "validate_preference_dataset",
@@ -36,6 +40,8 @@ ACCEPTED_FORMATS = (
     "or implicit prompt (chosen, rejected only, sharing the prompt as a common prefix)"
 )
 _REQUIRED = ("chosen", "rejected")
+#: How a pair longer than ``max_length`` is cut (TRL's ``truncation_mode``): keep its first or its last tokens.
+TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
 def load_preference_data(path: str | os.PathLike, split: str = "train"):
@@ -305,8 +311,7 @@ def drop_empty_completions(
     Returns:
         ``(dataset, n_dropped)``.
     """
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}.")
+    check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
 
     def keeps_tokens(ex) -> bool:
         n_prompt = len(ex["prompt_ids"])
@@ -355,6 +360,23 @@ def _ids(tokenizer, text_or_messages, add_generation_prompt: bool = False) -> li
     return list(out["input_ids"])
 
 
+def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
+    """Split an implicit-prompt pair into ``prompt``, ``chosen`` and ``rejected``, by TRL's rule.
+
+    The prompt is the longest common prefix of ``chosen`` and ``rejected`` (characters of a string, messages of
+    a conversation), less a space that ends it. This is ``trl.data_utils.extract_prompt`` (the tests hold the two
+    equal), written out so that tokenizing for evaluation does not need TRL.
+    """
+    chosen, rejected = example["chosen"], example["rejected"]
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
+
+
 def tokenize_pair(example: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
     """Token ids of a pair, split into prompt and completions the way TRL's DPOTrainer splits them.
 
@@ -364,8 +386,6 @@ def tokenize_pair(example: dict[str, Any], tokenizer) -> tuple[list[int], list[i
     Returns:
         ``(prompt_ids, chosen_ids, rejected_ids)``.
     """
-    from trl.data_utils import extract_prompt
-
     if "prompt" not in example:
         example = {**example, **extract_prompt(example)}
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]

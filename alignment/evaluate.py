@@ -13,21 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from .data import tokenize_pair, validate_preference_dataset
+from mixlogit.validation import check_choice, check_count
+
+from .data import TRUNCATION_MODES, tokenize_pair, validate_preference_dataset
 
 __all__ = ["evaluate", "pair_logratios", "sequence_logps", "summarize_margins"]
 
 
 def _check_batching(batch_size, max_length, truncation_mode) -> None:
     """Validate the batching arguments up front (before any tokenization or forward pass)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_length is not None and (
-        isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1
-    ):
-        raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+    check_count("batch_size", batch_size)
+    check_count("max_length", max_length, allow_none=True)
+    check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
 
 
 def _device_of(model):

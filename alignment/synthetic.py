@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mixlogit.validation import check_count, check_fraction, check_non_negative, check_positive
+
 __all__ = [
     "WORD_VALUES",
     "build_tokenizer",
@@ -101,15 +103,11 @@ def pluralistic_task(
     """
     import datasets
 
-    if n_pairs < 1:
-        raise ValueError(f"`n_pairs` must be at least 1, got {n_pairs}.")
-    if not (heterogeneity >= 0 and math.isfinite(heterogeneity)):
-        raise ValueError(f"`heterogeneity` must be a finite number >= 0, got {heterogeneity}.")
-    if annotators_per_group < 1 or response_words < 1 or not base_strength > 0:
-        raise ValueError(
-            "`annotators_per_group` and `response_words` must be >= 1 and `base_strength` > 0, got "
-            f"{annotators_per_group}, {response_words}, {base_strength}."
-        )
+    check_count("n_pairs", n_pairs)
+    check_non_negative("heterogeneity", heterogeneity)
+    check_count("annotators_per_group", annotators_per_group)
+    check_count("response_words", response_words)
+    check_positive("base_strength", base_strength)
     names = _group_names(groups)
     rng = np.random.default_rng(seed)
     h, h_a = float(heterogeneity), float(heterogeneity) / 2
@@ -165,8 +163,7 @@ def train_test_split(dataset, test_size: float = 0.2, seed: int = 0, oracle_labe
     Returns:
         ``(train, test)`` datasets with the same columns.
     """
-    if not 0 < test_size < 1:
-        raise ValueError(f"`test_size` must lie strictly between 0 and 1, got {test_size}.")
+    check_fraction("test_size", test_size)
     parts = dataset.train_test_split(test_size=test_size, seed=seed)
     train, test = parts["train"], parts["test"]
     if oracle_labels:
