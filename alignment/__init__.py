@@ -1,7 +1,11 @@
 """alignment: MixDPO, DPO with a learned distribution of preference strength, on mixlogit's kernel.
 
-Importing the package is light (torch, scipy and mixlogit only); the trainer, which needs transformers and TRL,
-is loaded on first access of ``MixDPOConfig`` or ``MixDPOTrainer``.
+Importing the package is light (torch, scipy and mixlogit only); the configuration and the trainer, which need
+transformers and TRL, are loaded on first access of ``MixDPOConfig`` or ``MixDPOTrainer``.
+
+Layers, bottom-up (a module imports only modules below it): data and synthetic, models, strength_base,
+strength_families, strength (the registry), losses, evaluate, batching, run_dir, config, trainer, diagnostics,
+experiments, commands, cli. Only config, trainer, experiments and commands import TRL.
 """
 
 from . import synthetic
@@ -12,6 +16,7 @@ from .diagnostics import plot_strength, strength_to_arviz
 # ``alignment.evaluate`` the function even after the submodule is imported elsewhere.
 from .evaluate import evaluate, pair_logratios
 from .losses import OBJECTIVES, dpo_loss, mixdpo_loss
+from .run_dir import load_strength, save_strength
 from .strength import (
     DEFAULT_NODES,
     STRENGTHS,
@@ -25,7 +30,7 @@ from .strength import (
 )
 
 # Not in __all__: a star import stays light too.
-_LAZY = {name: "alignment.trainer" for name in ("MixDPOConfig", "MixDPOTrainer", "save_strength", "load_strength")}
+_LAZY = {"MixDPOConfig": "alignment.config", "MixDPOTrainer": "alignment.trainer"}
 
 
 def __getattr__(name):
@@ -48,11 +53,13 @@ __all__ = [
     "dpo_loss",
     "evaluate",
     "load_preference_data",
+    "load_strength",
     "make_strength",
     "mixdpo_loss",
     "pair_logratios",
     "plot_strength",
     "register_strength",
+    "save_strength",
     "strength_to_arviz",
     "synthetic",
     "validate_preference_dataset",

@@ -16,18 +16,19 @@ So ``az.summary(idata, var_names=["beta"])`` summarises the learned distribution
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MARGINS_FILE", "PLOT_FILES", "RUN_FILE", "plot_strength", "run_margins", "strength_to_arviz"]
+from mixlogit.validation import check_count
 
-#: Written by ``mixdpo train`` into the run directory: margins of the evaluation pairs after training.
-MARGINS_FILE = "margins.npz"
-#: Written by ``mixdpo train``: how the run was made (model and reference paths, data, options).
-RUN_FILE = "mixdpo_run.json"
+from .evaluate import pair_logratios
+from .models import load_causal_lm
+from .run_dir import load_strength, read_margins, read_run_record, read_strength_config
+
+__all__ = ["PLOT_FILES", "plot_strength", "run_margins", "strength_to_arviz"]
+
 #: Written by :func:`plot_strength` (the last only with groups): the strength density, the per-pair strengths
 #: and the per-group strengths.
 PLOT_FILES = ("strength_density.png", "pair_strengths.png", "strength_by_group.png")
@@ -35,10 +36,7 @@ PLOT_FILES = ("strength_density.png", "pair_strengths.png", "strength_by_group.p
 
 def _load_run_models(run_dir: str):
     """Policy, reference and tokenizer of a ``mixdpo train`` run directory."""
-    from .cli import load_causal_lm
-
-    with open(os.path.join(run_dir, RUN_FILE)) as f:
-        run = json.load(f)
+    run = read_run_record(run_dir, required=True)
     policy, tokenizer = load_causal_lm(run_dir, adapter_base=run.get("model") if run.get("lora") else None)
     ref = None
     if not run.get("lora"):
@@ -61,18 +59,7 @@ def run_margins(trainer_or_run_dir, dataset=None) -> dict[str, Any]:
         return trainer_or_run_dir.pair_margins(dataset)
     run_dir = os.fspath(trainer_or_run_dir)
     if dataset is None:
-        path = os.path.join(run_dir, MARGINS_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{run_dir!r} has no {MARGINS_FILE}; pass the dataset to compute margins on."
-            )
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-        if "group" in out:
-            out["group"] = out["group"].astype(object)
-        return out
-    from .evaluate import pair_logratios
-
+        return read_margins(run_dir)
     policy, ref, tokenizer, run = _load_run_models(run_dir)
     group_column = run.get("group_column")
     if group_column is not None and group_column not in dataset.column_names:
@@ -84,8 +71,6 @@ def run_margins(trainer_or_run_dir, dataset=None) -> dict[str, Any]:
 
 def _strength_of(trainer_or_run_dir):
     if isinstance(trainer_or_run_dir, (str, os.PathLike)):
-        from .trainer import load_strength
-
         strength, info = load_strength(os.fspath(trainer_or_run_dir))
         return strength, info["family"]
     strength = trainer_or_run_dir.strength
@@ -109,8 +94,7 @@ def strength_to_arviz(trainer_or_run_dir, dataset=None, n_draws: int = 1000, see
     import arviz as az
     import torch
 
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be a positive integer, got {n_draws}")
+    check_count("n_draws", n_draws)
     strength, family = _strength_of(trainer_or_run_dir)
     margins = run_margins(trainer_or_run_dir, dataset)
     h_np = np.asarray(margins["margin"], dtype=np.float64)
@@ -189,8 +173,6 @@ def plot_strength(run_dir_or_idata, out_dir: str, dataset=None, dpo_beta: float 
     idata = run_dir_or_idata
     if not hasattr(idata, "posterior"):
         if dpo_beta is None and isinstance(run_dir_or_idata, (str, os.PathLike)):
-            from .trainer import read_strength_config
-
             info = read_strength_config(os.fspath(run_dir_or_idata)) or {}
             dpo_beta = info.get("beta")
         idata = strength_to_arviz(run_dir_or_idata, dataset)

@@ -2,7 +2,7 @@
 
 Switching from DPO is a change of class::
 
-    from alignment.trainer import MixDPOConfig, MixDPOTrainer
+    from alignment import MixDPOConfig, MixDPOTrainer
     cfg = MixDPOConfig(output_dir="out", beta=0.1, strength="lognormal")
     trainer = MixDPOTrainer(model=model, ref_model=ref_model, args=cfg, train_dataset=ds, processing_class=tok)
     trainer.train()
@@ -14,7 +14,8 @@ What changes relative to ``trl.DPOTrainer`` (trl >= 1.16, < 2):
   h)]`` (``objective="expected"``) from :func:`alignment.losses.mixdpo_loss`, with ``beta ~ p_phi``, instead of
   ``-log sigmoid(beta h)``; ``strength="point"`` gives DPO's sigmoid loss with ``beta`` exactly;
 - phi (the strength parameters) is trained jointly with the policy, in its own optimizer param group with its
-  own learning rate, saved in every checkpoint (``strength.pt`` + ``strength.json``) and restored on resume;
+  own learning rate, saved in every checkpoint (``strength.pt`` + ``strength.json``, see
+  :mod:`alignment.run_dir`) and restored on resume;
 - logs ``beta/mean``, ``beta/std``, ``beta/cv`` and ``beta/<family parameter>`` next to TRL's metrics, and
   with a ``group_column`` also ``rewards/accuracies_macro`` (preference accuracy averaged over groups).
 
@@ -28,261 +29,32 @@ and vision-language datasets are refused with a clear error.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from .batching import (
+    EXTRA_COLUMNS,
+    GROUP_ID_COLUMN,
+    ROW_COLUMN,
+    CollatorWithExtras,
+    add_group_ids,
+    add_row_index,
+    column_names,
+    model_inputs,
+    without_extras,
+)
+from .config import MixDPOConfig, check_supported, to_mixdpo_config
 from .data import drop_empty_completions, validate_preference_dataset
+from .losses import mixdpo_loss
+from .run_dir import restore_strength, save_strength, strength_from_settings, strength_settings
 
-__all__ = [
-    "STRENGTH_FAMILIES",
-    "MixDPOConfig",
-    "MixDPOTrainer",
-    "default_strength_init",
-    "load_strength",
-    "save_strength",
-]
+__all__ = ["MixDPOTrainer"]
 
 logger = logging.getLogger(__name__)
-
-STRENGTH_FAMILIES = ("point", "lognormal", "gamma")
-OBJECTIVES = ("marginal", "expected")
-STRENGTH_WEIGHTS_NAME = "strength.pt"
-STRENGTH_CONFIG_NAME = "strength.json"
-# Extra columns this trainer adds during preprocessing and carries through the collator (never to the model).
-GROUP_ID_COLUMN = "mixdpo_group_id"
-ROW_COLUMN = "mixdpo_row"
-_EXTRA_KEYS = (GROUP_ID_COLUMN, ROW_COLUMN)
-_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *_EXTRA_KEYS}
-_FAMILY_PARAMS = {"point": ("beta",), "lognormal": ("mu", "sigma"), "gamma": ("shape", "rate")}
-# Default spread of the initial strength distribution: CV 0.53 for both families (sigma = 0.5 gives
-# sqrt(exp(0.25) - 1) = 0.53; shape = 4 gives 1/sqrt(4) = 0.5), wide enough to move either way.
-_DEFAULT_SIGMA = 0.5
-_DEFAULT_SHAPE = 4.0
-# Default strength learning rate = this multiple of the policy's, capped. Adam moves every parameter by about
-# its learning rate per step whatever the gradient's scale. The strength parameters are O(1) numbers on a log
-# scale, while DPO's policy learning rates (1e-7 to 1e-5) are tuned for weight updates that are tiny relative
-# to the weights; 1000x lets the strength move by O(1) in a few thousand steps, and the cap keeps it from
-# jumping by more than about 1% of its scale per step when the policy rate is itself large.
-STRENGTH_LR_MULTIPLIER = 1000.0
-STRENGTH_LR_CAP = 1e-2
-
-
-def default_strength_init(
-    family: str, beta: float, init: dict[str, float] | None = None, fix_mean: bool = False
-) -> dict[str, float]:
-    """Initial family parameters, completed so that the distribution's mean equals ``beta``.
-
-    Args:
-        family: ``"point"``, ``"lognormal"`` or ``"gamma"``.
-        beta: target mean (DPO's beta).
-        init: user-given parameters (a subset of the family's: point ``beta``; lognormal ``mu``, ``sigma``;
-            gamma ``shape``, ``rate``); the missing ones are filled in.
-        fix_mean: the mean is pinned to ``beta``, so only the spread parameter is returned.
-
-    Returns:
-        Dict of family parameters.
-    """
-    if family not in _FAMILY_PARAMS:
-        raise ValueError(f"Unknown strength {family!r}; accepted: {list(STRENGTH_FAMILIES)}.")
-    init = dict(init or {})
-    unknown = sorted(set(init) - set(_FAMILY_PARAMS[family]))
-    if unknown:
-        raise ValueError(
-            f"strength_init has parameter(s) {unknown} that the {family!r} family does not have; "
-            f"its parameters are {list(_FAMILY_PARAMS[family])}."
-        )
-    for key, value in init.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise ValueError(f"strength_init[{key!r}] must be a finite number, got {value!r}.")
-    if family == "point":
-        return {"beta": float(init.get("beta", beta))}
-    if family == "lognormal":
-        sigma = float(init.get("sigma", _DEFAULT_SIGMA))
-        if fix_mean:
-            return {"sigma": sigma}
-        return {"mu": float(init.get("mu", math.log(beta) - sigma**2 / 2)), "sigma": sigma}
-    shape = float(init.get("shape", _DEFAULT_SHAPE))
-    if fix_mean:
-        return {"shape": shape}
-    return {"shape": shape, "rate": float(init.get("rate", shape / beta))}
-
-
-def _build_strength(
-    family: str,
-    init: dict[str, float],
-    integrator: str | None,
-    nodes: int | None,
-    fix_mean: bool,
-    mean: float,
-):
-    from .strength import make_strength
-
-    kwargs: dict[str, Any] = {"init": init, "integrator": integrator, "nodes": nodes}
-    if family != "point":
-        kwargs.update(fix_mean=fix_mean, mean=mean if fix_mean else None)
-    strength = make_strength(family, **kwargs)
-    if family == "point":
-        # DPO's beta is a hyperparameter, not learned: "point" must reproduce DPOTrainer exactly.
-        for p in strength.parameters():
-            p.requires_grad_(False)
-    return strength
-
-
-@dataclass
-class MixDPOConfig(DPOConfig):
-    r"""Configuration of :class:`MixDPOTrainer`: every ``trl.DPOConfig`` field plus the strength distribution.
-
-    Args:
-        strength (`str`, defaults to `"lognormal"`):
-            Family of the preference-strength distribution p_phi(beta): `"point"` (beta fixed at `beta`: plain DPO),
-            `"lognormal"` or `"gamma"`.
-        strength_init (`dict`, *optional*):
-            Initial family parameters (lognormal: `mu`, `sigma`; gamma: `shape`, `rate`). Missing ones are chosen
-            so that the initial mean equals `beta`; the default spread is sigma = 0.5 or shape = 4 (CV about 0.5).
-            A JSON string is accepted (for command lines).
-        strength_integrator (`str`, *optional*):
-            How E_beta[.] is computed (family-specific; None: the family's default, e.g. Gauss-Hermite for the
-            lognormal and the closed form for the gamma).
-        strength_nodes (`int`, *optional*):
-            Quadrature nodes or draws of the integrator (None: the family's default).
-        strength_learning_rate (`float`, *optional*):
-            Learning rate of the strength parameters. Default: `min(1000 * learning_rate, 1e-2)` (the strength
-            parameters are O(1) on a log scale; see `STRENGTH_LR_MULTIPLIER`).
-        strength_fix_mean (`bool`, defaults to `False`):
-            Pin the mean of the strength distribution to `beta` and learn only its shape. The location of beta and
-            the scale of the policy's log-ratio margins are partly confounded: with the mean free, the likelihood
-            can rise by sharpening beta instead of moving the policy, which weakens DPO's implicit KL anchor.
-            On the synthetic pluralistic benchmark (benchmarks/bench_pluralistic.py) the free mean drifts up
-            (Gamma: E[beta] 0.1 -> 0.14-1.2; LogNormal: to 7-120 with CV up to ~100, unstable across seeds) while
-            held-out log-ratio margins shrink 3-9x; with the mean pinned the spread stays small and grows with
-            the annotators' heterogeneity, and accuracy stays at DPO's. Pin the mean when the strength should stay
-            interpretable as DPO's beta.
-        objective (`str`, defaults to `"marginal"`):
-            `"marginal"`: -log E_beta[sigmoid(beta h)] (the mixed-logit likelihood); `"expected"`:
-            E_beta[-log sigmoid(beta h)] (an upper bound by Jensen).
-        group_column (`str`, *optional*):
-            Subgroup or annotator column of the datasets; it survives preprocessing, and evaluation then reports
-            the macro (over groups) preference accuracy `rewards/accuracies_macro` next to TRL's micro one.
-    """
-
-    strength: str = field(default="lognormal", metadata={"help": "point | lognormal | gamma"})
-    strength_init: dict | str | None = field(default=None, metadata={"help": "initial family parameters"})
-    strength_integrator: str | None = field(default=None, metadata={"help": "integrator of E_beta[.]"})
-    strength_nodes: int | None = field(default=None, metadata={"help": "quadrature nodes or draws"})
-    strength_learning_rate: float | None = field(default=None, metadata={"help": "learning rate of phi"})
-    strength_fix_mean: bool = field(default=False, metadata={"help": "pin E[beta] to beta"})
-    objective: str = field(default="marginal", metadata={"help": "marginal | expected"})
-    group_column: str | None = field(default=None, metadata={"help": "subgroup or annotator column"})
-
-    def __post_init__(self):
-        if self.strength not in STRENGTH_FAMILIES:
-            raise ValueError(f"Unknown strength {self.strength!r}; accepted: {list(STRENGTH_FAMILIES)}.")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"Unknown objective {self.objective!r}; accepted: {list(OBJECTIVES)}.")
-        if isinstance(self.strength_init, str):
-            try:
-                self.strength_init = json.loads(self.strength_init)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"strength_init must be a dict or a JSON object string: {e}") from e
-        if self.strength_init is not None and not isinstance(self.strength_init, dict):
-            raise ValueError(
-                f"strength_init must be a dict of family parameters, got {self.strength_init!r}."
-            )
-        if self.strength_learning_rate is not None and not self.strength_learning_rate >= 0:
-            raise ValueError(f"strength_learning_rate must be >= 0, got {self.strength_learning_rate}.")
-        if self.strength_nodes is not None and self.strength_nodes < 1:
-            raise ValueError(f"strength_nodes must be a positive integer, got {self.strength_nodes}.")
-        if not self.beta > 0:
-            raise ValueError(
-                f"beta must be > 0 (it is the mean of the strength distribution), got {self.beta}."
-            )
-        # Validate the initial parameters now, so that a typo fails at configuration time.
-        default_strength_init(self.strength, self.beta, self.strength_init, self.strength_fix_mean)
-        super().__post_init__()
-
-    @property
-    def resolved_strength_learning_rate(self) -> float:
-        """The strength learning rate in use (the explicit one, or the documented default)."""
-        if self.strength_learning_rate is not None:
-            return float(self.strength_learning_rate)
-        return min(STRENGTH_LR_MULTIPLIER * self.learning_rate, STRENGTH_LR_CAP)
-
-
-def _to_mixdpo_config(args) -> MixDPOConfig:
-    """Upgrade a plain ``DPOConfig`` (same fields, MixDPO defaults for the rest)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
-    return MixDPOConfig(**values)
-
-
-def save_strength(strength, output_dir: str, meta: dict[str, Any]) -> None:
-    """Write ``strength.pt`` (state dict) and ``strength.json`` (family, configuration, current moments)."""
-    os.makedirs(output_dir, exist_ok=True)
-    torch.save(strength.state_dict(), os.path.join(output_dir, STRENGTH_WEIGHTS_NAME))
-    with torch.no_grad():
-        info = {
-            **meta,
-            "params": {k: float(v) for k, v in strength.family_params().items()},
-            "mean": float(strength.mean()),
-            "std": float(strength.std()),
-            "cv": float(strength.cv()),
-        }
-    with open(os.path.join(output_dir, STRENGTH_CONFIG_NAME), "w") as f:
-        json.dump(info, f, indent=2)
-
-
-def read_strength_config(checkpoint_dir: str) -> dict[str, Any] | None:
-    """The ``strength.json`` of a checkpoint or run directory, or None when there is none."""
-    path = os.path.join(checkpoint_dir, STRENGTH_CONFIG_NAME)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def load_strength(run_dir: str):
-    """Rebuild the strength module saved in a checkpoint or run directory.
-
-    Returns:
-        ``(strength, info)``: the module with its saved parameters, and the ``strength.json`` contents.
-    """
-    info = read_strength_config(run_dir)
-    if info is None:
-        raise FileNotFoundError(
-            f"{run_dir!r} has no {STRENGTH_CONFIG_NAME}: it was not written by MixDPOTrainer."
-        )
-    strength = _build_strength(
-        info["family"],
-        info["init"],
-        info.get("integrator"),
-        info.get("nodes"),
-        info.get("fix_mean", False),
-        info["beta"],
-    )
-    state = torch.load(os.path.join(run_dir, STRENGTH_WEIGHTS_NAME), map_location="cpu", weights_only=True)
-    strength.load_state_dict(state)
-    return strength, info
-
-
-class _CollatorWithExtras:
-    """Wrap a preference collator so the MixDPO bookkeeping columns (group id, row index) reach the batch."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __call__(self, examples):
-        out = self.base(examples)
-        for key in _EXTRA_KEYS:
-            if key in examples[0]:
-                out[key] = torch.tensor([int(ex[key]) for ex in examples], dtype=torch.long)
-        return out
 
 
 class MixDPOTrainer(DPOTrainer):
@@ -318,8 +90,8 @@ class MixDPOTrainer(DPOTrainer):
                 raise TypeError(
                     f"`args` must be a MixDPOConfig (or a trl.DPOConfig), got {type(args).__name__}."
                 )
-            args = _to_mixdpo_config(args)
-        self._check_supported(args)
+            args = to_mixdpo_config(args)
+        check_supported(args)
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         validate_preference_dataset(train_dataset, args.group_column, "train_dataset")
@@ -330,25 +102,16 @@ class MixDPOTrainer(DPOTrainer):
             validate_preference_dataset(ds, args.group_column, name)
         self._group_index: dict[str, int] = {}
         self._group_counts: dict[str, dict[int, list[float]]] = {"train": {}, "eval": {}}
-        init = default_strength_init(args.strength, args.beta, args.strength_init, args.strength_fix_mean)
-        self._strength_meta = {
-            "family": args.strength,
-            "init": init,
-            "integrator": args.strength_integrator,
-            "nodes": args.strength_nodes,
-            "fix_mean": bool(args.strength_fix_mean) and args.strength != "point",
-            "beta": float(args.beta),
-            "objective": args.objective,
-            "format_version": 1,
-        }
-        self._strength = _build_strength(
+        self._strength_meta = strength_settings(
             args.strength,
-            init,
+            args.beta,
+            args.strength_init,
             args.strength_integrator,
             args.strength_nodes,
-            self._strength_meta["fix_mean"],
-            args.beta,
+            args.strength_fix_mean,
+            args.objective,
         )
+        self._strength = strength_from_settings(self._strength_meta)
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -364,7 +127,7 @@ class MixDPOTrainer(DPOTrainer):
             peft_config=peft_config,
         )
         self._strength.to(self.accelerator.device)
-        self.data_collator = _CollatorWithExtras(self.data_collator)
+        self.data_collator = CollatorWithExtras(self.data_collator)
 
     # ------------------------------------------------------------------ configuration checks
     @staticmethod
@@ -374,29 +137,6 @@ class MixDPOTrainer(DPOTrainer):
         if isinstance(eval_dataset, dict):
             return [(f"eval_dataset[{k!r}]", v) for k, v in eval_dataset.items()]
         return [("eval_dataset", eval_dataset)]
-
-    @staticmethod
-    def _check_supported(args) -> None:
-        if list(args.loss_type) != ["sigmoid"]:
-            raise ValueError(
-                f"MixDPO replaces DPO's sigmoid loss; loss_type={args.loss_type} is not supported. "
-                "Use loss_type='sigmoid' (the default)."
-            )
-        if args.f_divergence_type != "reverse_kl":
-            raise ValueError(
-                f"f_divergence_type={args.f_divergence_type!r} is not supported by MixDPOTrainer; "
-                "use the default 'reverse_kl'."
-            )
-        if args.ld_alpha is not None:
-            raise ValueError("ld_alpha (LD-DPO) is not supported by MixDPOTrainer; leave it None.")
-        if args.use_weighting:
-            raise ValueError("use_weighting (WPO) is not supported by MixDPOTrainer; leave it False.")
-        if args.label_smoothing:
-            # TRL's sigmoid loss ignores it too; MixDPO keeps DPOTrainer's behaviour rather than guess a meaning.
-            logger.warning(
-                "label_smoothing=%s is ignored by the sigmoid (MixDPO) loss, as by TRL's DPOTrainer.",
-                args.label_smoothing,
-            )
 
     # ------------------------------------------------------------------ public attributes
     @property
@@ -411,11 +151,11 @@ class MixDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------ data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        columns = getattr(dataset, "column_names", None) or list(next(iter(dataset)))
+        columns = column_names(dataset)
         if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns):
             validate_preference_dataset(dataset, args.group_column, f"{dataset_name} dataset")
             if ROW_COLUMN not in columns:
-                dataset = dataset.map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
+                dataset = add_row_index(dataset)
             n_before = len(dataset) if hasattr(dataset, "__len__") else None
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
             dataset, _ = drop_empty_completions(
@@ -438,32 +178,12 @@ class MixDPOTrainer(DPOTrainer):
                         f"truncation to max_length={args.max_length}; raise max_length."
                     )
         if args.group_column is not None and GROUP_ID_COLUMN not in columns:
-            if args.group_column not in (getattr(dataset, "column_names", None) or list(next(iter(dataset)))):
-                raise ValueError(
-                    f"group_column={args.group_column!r} is not a column of the {dataset_name} dataset."
-                )
-            index = self._group_index
-
-            def add_group_id(example):
-                key = str(example[args.group_column])
-                if key not in index:
-                    index[key] = len(index)
-                return {GROUP_ID_COLUMN: index[key]}
-
-            # Not batched, in one process and never from the cache (the ids live in this trainer's index), so that
-            # ids follow first appearance and stay consistent across datasets.
-            map_kwargs = {}
-            if hasattr(dataset, "__len__"):  # IterableDataset.map takes neither argument
-                map_kwargs = {
-                    "desc": f"Indexing groups of the {dataset_name} dataset",
-                    "load_from_cache_file": False,
-                }
-            dataset = dataset.map(add_group_id, **map_kwargs)
+            dataset = add_group_ids(dataset, args.group_column, self._group_index, dataset_name)
         return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for key in _EXTRA_KEYS:
+        for key in EXTRA_COLUMNS:
             if key not in self._signature_columns:
                 self._signature_columns.append(key)
 
@@ -493,8 +213,7 @@ class MixDPOTrainer(DPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_ref_log_probs(self, model, inputs):
-        inputs = {k: v for k, v in inputs.items() if k not in _EXTRA_KEYS}
-        return super().compute_ref_log_probs(model, inputs)
+        return super().compute_ref_log_probs(model, without_extras(inputs))
 
     def _policy_and_ref_logps(self, model, inputs):
         """Summed completion log-probs of the policy (with grad) and of the reference (without).
@@ -503,7 +222,7 @@ class MixDPOTrainer(DPOTrainer):
             ``(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, outputs, seq_len)``; each
             log-prob tensor has shape ``(batch,)`` in nats.
         """
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs = model_inputs(inputs)
         model_kwargs["use_cache"] = False
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
@@ -523,8 +242,6 @@ class MixDPOTrainer(DPOTrainer):
         return chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, outputs, seq_len
 
     def _compute_loss(self, model, inputs, return_outputs):
-        from .losses import mixdpo_loss
-
         mode = "train" if self.model.training else "eval"
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, outputs, seq_len = (
             self._policy_and_ref_logps(model, inputs)
@@ -556,8 +273,7 @@ class MixDPOTrainer(DPOTrainer):
         )
         if return_outputs:
             with torch.no_grad():
-                model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-                outputs = model(**model_kwargs)
+                outputs = model(**model_inputs(inputs))
             return loss, outputs
         return loss
 
@@ -725,36 +441,4 @@ class MixDPOTrainer(DPOTrainer):
         )
 
     def _restore_strength(self, checkpoint: str) -> None:
-        info = read_strength_config(checkpoint)
-        family = self._strength_meta["family"]
-        if info is None:
-            if family == "point":
-                logger.warning(
-                    "Checkpoint %s has no %s (not written by MixDPOTrainer); strength='point' needs no "
-                    "state, resuming.",
-                    checkpoint,
-                    STRENGTH_CONFIG_NAME,
-                )
-                return
-            raise ValueError(
-                f"Cannot resume from {checkpoint!r}: it has no {STRENGTH_CONFIG_NAME}, so it was not "
-                f"written by MixDPOTrainer and holds no strength={family!r} state."
-            )
-        if info.get("family") != family:
-            raise ValueError(
-                f"Cannot resume from {checkpoint!r}: its strength family is {info.get('family')!r} but "
-                f"this run has strength={family!r}. Resume with strength={info.get('family')!r}, or "
-                "start a new run."
-            )
-        if bool(info.get("fix_mean", False)) != self._strength_meta["fix_mean"]:
-            raise ValueError(
-                f"Cannot resume from {checkpoint!r}: it was trained with strength_fix_mean="
-                f"{info.get('fix_mean')} but this run has strength_fix_mean="
-                f"{self._strength_meta['fix_mean']}."
-            )
-        state = torch.load(
-            os.path.join(checkpoint, STRENGTH_WEIGHTS_NAME),
-            map_location=self.accelerator.device,
-            weights_only=True,
-        )
-        self._strength.load_state_dict(state)
+        restore_strength(self._strength, checkpoint, self._strength_meta, map_location=self.accelerator.device)

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     from datasets.utils.logging import disable_progress_bar
     from tqdm.auto import tqdm
 
-    from alignment.cli import format_table, prepare_tiny_task, run_methods
+    from alignment.experiments import prepare_tiny_task, run_methods
+    from mixlogit.tables import markdown_table
 
     disable_progress_bar()
     torch.set_num_threads(a.threads)
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
         f"annotators, tiny GPT-NeoX (hidden 64, 2 layers, {pretrain} pretraining steps), {steps} steps of batch "
         f"16, lr 5e-4, beta 0.1, {a.seeds} seeds; mean±sd over seeds."
     )
-    print(format_table(table))
+    print(markdown_table(table, floatfmt=".3f", missing="nan"))
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s, {a.threads} torch thread(s)")
     if a.csv:
         import csv

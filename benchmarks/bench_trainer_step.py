@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     from datasets.utils.logging import disable_progress_bar
 
     from alignment import synthetic
-    from alignment.cli import _trainer_kwargs, format_table, make_trainer
+    from alignment.experiments import make_trainer, trainer_kwargs
+    from mixlogit.tables import markdown_table
 
     disable_progress_bar()
     torch.set_num_threads(a.threads)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         trainers = []
         for label, over in specs:
-            kw = _trainer_kwargs(
+            kw = trainer_kwargs(
                 os.path.join(tmp, str(len(trainers))), n, 5e-4, 0.1, a.batch_size, 32, a.seed, False
             )
             tr = make_trainer(base, tok, ds, kw, over)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         f"{a.layers} layers, {a.batch_size} pairs/step, {a.steps} interleaved steps after {a.warmup} warm-up, "
         f"{a.threads} torch thread(s), load average {os.getloadavg()[0]:.1f}"
     )
-    print(format_table(rows))
+    print(markdown_table(rows, floatfmt=".3f", missing="nan"))
     worst = max(r["ratio_vs_dpo"] for r in rows[1:])
     print(f"\nworst MixDPO/DPO step-time ratio (median of per-round ratios): {worst:.3f} (target <= 1.05)")
     return 0

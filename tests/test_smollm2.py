@@ -19,7 +19,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 pytest.importorskip("trl")
 pytest.importorskip("peft")
 
-from alignment.cli import smollm2_dir, smollm2_gguf
+from alignment.models import smollm2_dir, smollm2_gguf
 
 pytestmark = [
     pytest.mark.smollm2,
@@ -45,8 +45,9 @@ def test_smollm2_lora_mixdpo_steps(tmp_path):
     import torch
     from transformers import TrainerCallback
 
-    from alignment.cli import load_smollm2, smollm2_pairs, smollm2_setup
     from alignment.evaluate import evaluate
+    from alignment.experiments import smollm2_pairs, smollm2_setup
+    from alignment.models import load_smollm2
     from alignment.trainer import MixDPOTrainer
 
     model, tok = load_smollm2()

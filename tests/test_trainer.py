@@ -21,9 +21,10 @@ from datasets.utils.logging import disable_progress_bar
 from trl import DPOConfig, DPOTrainer
 
 from alignment import synthetic
+from alignment.config import MixDPOConfig
 from alignment.diagnostics import plot_strength, strength_to_arviz
 from alignment.evaluate import evaluate
-from alignment.trainer import MixDPOConfig, MixDPOTrainer
+from alignment.trainer import MixDPOTrainer
 
 disable_progress_bar()
 
@@ -586,11 +587,11 @@ def test_cli_data_errors_are_one_line(tmp_path, capsys):
 
 
 def test_overwrite_drops_the_adapter_of_an_earlier_lora_run(tmp_path, capsys):
-    from alignment.cli import _remove_stale_adapter
+    from alignment.run_dir import remove_stale_adapter
 
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json"):
         (tmp_path / name).write_text("{}")
-    _remove_stale_adapter(str(tmp_path))  # else the new full model would load as the old adapter
+    remove_stale_adapter(str(tmp_path))  # else the new full model would load as the old adapter
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     assert "removed" in capsys.readouterr().err
 

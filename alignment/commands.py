@@ -1,0 +1,337 @@
+"""The ``mixdpo`` subcommands: ``train``, ``evaluate``, ``report`` and ``demo``, each with the check of its flags.
+
+A ``check_*`` function runs before anything is loaded and raises a ValueError that names the flag; a command
+function does the work and returns the exit status. Only ``train`` and ``demo`` need TRL, and they import it (via
+:mod:`alignment.config`, :mod:`alignment.trainer` and :mod:`alignment.experiments`) when they run, so ``mixdpo
+report`` works without TRL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mixlogit.persistence import refuse_to_overwrite, write_json
+from mixlogit.tables import markdown_table
+
+from . import run_dir
+from .data import load_preference_data, validate_preference_dataset
+from .diagnostics import PLOT_FILES, plot_strength, strength_to_arviz
+from .losses import OBJECTIVES
+from .models import load_causal_lm
+from .strength import STRENGTHS, build_strength, default_strength_init, parse_strength_init
+
+__all__ = [
+    "check_evaluate",
+    "check_report",
+    "check_train",
+    "demo_command",
+    "evaluate_command",
+    "report_command",
+    "train_command",
+]
+
+
+# ---------------------------------------------------------------------------------------------- flag checks
+def _listing(names: list[str], limit: int = 6) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _check_not_file(flag: str, path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a directory; choose a directory for {flag}")
+
+
+def _refuse_replacing(flag: str, folder: str, names, overwrite: bool, hint: str = "") -> None:
+    """:func:`mixlogit.persistence.refuse_to_overwrite`, its error worded for the flag that chose ``folder``
+    (the files listed up to six, and the ``hint``)."""
+    try:
+        refuse_to_overwrite(folder, names, overwrite)
+    except FileExistsError:
+        present = [n for n in names if os.path.exists(os.path.join(folder, n))]
+        raise ValueError(
+            f"{flag} {folder} already holds {_listing(present)}; pass --overwrite to replace them or choose "
+            f"another {flag}{hint}"
+        ) from None
+
+
+def _naming(flag: str, fn, *args):
+    """``fn(*args)``, with a ValueError or TypeError re-raised as a ValueError that names ``flag``."""
+    try:
+        return fn(*args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{flag}: {e}") from None
+
+
+def check_train(a) -> None:
+    """Check the flags of ``train`` that argparse's types cannot, before any data or model is loaded."""
+    import torch
+
+    if a.resume and not os.path.isdir(a.resume):
+        raise ValueError(f"--resume {a.resume} is not a directory; pass a checkpoint-N directory of an earlier run")
+    _check_not_file("--output", a.output)
+    if os.path.isdir(a.output):
+        # Resuming continues the checkpoints of the run in --output: they are expected there, nothing else is.
+        present, latest = run_dir.run_files_present(a.output, keep_checkpoints=bool(a.resume))
+        hint = f" (or continue that run with --resume {os.path.join(a.output, latest)})" if (
+            latest and not a.resume) else ""
+        _refuse_replacing("--output", a.output, present, a.overwrite, hint)
+    if a.objective not in OBJECTIVES:
+        raise ValueError(f"--objective {a.objective!r} is not an objective; accepted: {', '.join(OBJECTIVES)}")
+    if a.strength not in STRENGTHS:
+        raise ValueError(f"--strength {a.strength!r} is not a strength family; accepted: {', '.join(STRENGTHS)}")
+    # Build the strength from the flags with the library's own checks, one flag at a time so the error names it.
+    init_flag = f"--strength-init '{a.strength_init}'" if a.strength_init is not None else f"--beta {a.beta}"
+    a.strength_init = parse_strength_init(a.strength_init, "--strength-init")
+    init = _naming(init_flag, default_strength_init, a.strength, a.beta, a.strength_init, a.fix_mean)
+    strength = _naming(init_flag, build_strength, a.strength, init, None, None, a.fix_mean, a.beta)
+    if a.integrator is not None:
+        strength = _naming(f"--integrator {a.integrator!r}", build_strength, a.strength, init, a.integrator, None,
+                           a.fix_mean, a.beta)
+    if a.nodes is not None:
+        _naming(f"--nodes {a.nodes}", build_strength, a.strength, init, a.integrator, a.nodes, a.fix_mean, a.beta)
+    # The trainer's log-probabilities are float32 (half precision is upcast): E[beta] must be finite there.
+    _naming(init_flag, strength.check_range, torch.float32)
+
+
+def check_evaluate(a) -> None:
+    """Check ``evaluate``'s ``--json`` before the models load: a file name, in a folder that exists, new unless
+    ``--overwrite``."""
+    if not a.json:
+        return
+    if os.path.isdir(a.json):
+        raise ValueError(f"--json {a.json} is a directory; pass a file name for the metrics")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.json))):
+        raise ValueError(f"--json {a.json}: its directory does not exist")
+    if os.path.exists(a.json) and not a.overwrite:
+        raise ValueError(f"--json {a.json} already exists; pass --overwrite to replace it or choose another --json")
+
+
+def check_report(a) -> None:
+    """Check ``report``'s ``--out``: a folder whose earlier report is kept unless ``--overwrite``."""
+    out = _report_dir(a)
+    _check_not_file("--out", out)
+    _refuse_replacing("--out", out, (run_dir.REPORT_FILE, *PLOT_FILES), a.overwrite)
+
+
+def _report_dir(a) -> str:
+    return a.out or os.path.join(a.run_dir, run_dir.REPORT_DIR)
+
+
+# ---------------------------------------------------------------------------------------------- subcommands
+def _load_data(path: str, flag: str = "--data", group_column: str | None = None):
+    """Preference pairs from ``path``; a missing ``--group-column`` is named by its flag."""
+    data = load_preference_data(path)
+    if group_column is not None and group_column not in data.column_names:
+        raise ValueError(
+            f"--group-column {group_column!r} is not a column of {flag} {path} (its columns: "
+            f"{', '.join(data.column_names)})"
+        )
+    return data
+
+
+def train_command(a) -> int:
+    """``mixdpo train``: train, evaluate, and save the model, the strength and the run records into ``--output``."""
+    import torch
+
+    from .config import MixDPOConfig
+    from .trainer import MixDPOTrainer
+
+    data = _load_data(a.data, "--data", a.group_column)
+    if a.eval_data:
+        train, test = data, _load_data(a.eval_data, "--eval-data", a.group_column)
+    else:
+        try:
+            parts = data.train_test_split(test_size=a.eval_fraction, seed=a.seed)
+        except ValueError:
+            raise ValueError(
+                f"--eval-fraction {a.eval_fraction} cannot split the {len(data)} pairs of --data {a.data} into "
+                "non-empty training and evaluation sets; choose another fraction or pass --eval-data"
+            ) from None
+        train, test = parts["train"], parts["test"]
+    validate_preference_dataset(train, a.group_column, a.data)
+    model, tokenizer = load_causal_lm(a.model)
+    ref_model = None
+    peft_config = None
+    if a.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=a.lora,
+            lora_alpha=2 * a.lora,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules="all-linear",
+        )
+    elif not a.precompute_ref:
+        ref_model, _ = load_causal_lm(a.ref_model or a.model)
+    cfg = MixDPOConfig(
+        output_dir=a.output,
+        strength=a.strength,
+        strength_init=a.strength_init,
+        strength_integrator=a.integrator,
+        strength_nodes=a.nodes,
+        strength_learning_rate=a.strength_lr,
+        strength_fix_mean=a.fix_mean,
+        objective=a.objective,
+        group_column=a.group_column,
+        beta=a.beta,
+        learning_rate=a.lr,
+        num_train_epochs=a.epochs,
+        max_steps=a.max_steps if a.max_steps else -1,
+        per_device_train_batch_size=a.batch_size,
+        per_device_eval_batch_size=a.batch_size,
+        gradient_accumulation_steps=a.grad_accum,
+        max_length=a.max_length,
+        seed=a.seed,
+        precompute_ref_log_probs=a.precompute_ref,
+        report_to="none",
+        logging_steps=a.logging_steps,
+        save_strategy="steps" if a.save_steps else "no",
+        save_steps=a.save_steps or 500,
+        use_cpu=a.cpu,
+        dataloader_num_workers=0,
+        # bf16 autocast only where the hardware has it; on a CPU TRL's bf16 default is emulated and slow.
+        bf16=bool(not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+    )
+    trainer = MixDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=cfg,
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=a.resume or None)
+    wall = time.perf_counter() - t0
+    metrics = trainer.evaluate()
+    if a.overwrite and not a.lora:
+        run_dir.remove_stale_adapter(a.output)
+    trainer.save_model(a.output)
+    tokenizer.save_pretrained(a.output)
+    run_dir.save_margins(a.output, trainer.pair_margins(test))
+    run = {
+        "model": a.model,
+        "ref_model": a.ref_model or a.model,
+        "data": a.data,
+        "eval_data": a.eval_data,
+        "lora": a.lora,
+        "group_column": a.group_column,
+        "max_length": a.max_length,
+        "strength": a.strength,
+        "beta": a.beta,
+        "train_seconds": wall,
+        "steps": trainer.state.global_step,
+    }
+    run_dir.write_run_records(a.output, run, metrics, overwrite=a.overwrite)
+    keys = [
+        "eval_loss",
+        "eval_rewards/accuracies",
+        "eval_rewards/accuracies_macro",
+        "eval_rewards/margins",
+        "eval_beta/mean",
+        "eval_beta/cv",
+    ]
+    rows = [{"metric": k, "value": float(metrics[k])} for k in keys if k in metrics]
+    print(markdown_table(rows, floatfmt=".4g", missing="nan"))
+    print(f"trained {trainer.state.global_step} steps in {wall:.1f} s; run saved in {a.output}")
+    return 0
+
+
+def evaluate_command(a) -> int:
+    """``mixdpo evaluate``: preference accuracy and margins of a policy (or a run) against its reference."""
+    from .evaluate import evaluate
+
+    data = _load_data(a.data, "--data", a.group_column)
+    run = run_dir.read_run_record(a.model)
+    model, tokenizer = load_causal_lm(a.model, adapter_base=run.get("model") if run.get("lora") else None)
+    ref_path = a.ref_model or (None if run.get("lora") else run.get("ref_model"))
+    ref_model = load_causal_lm(ref_path)[0] if ref_path else None
+    res = evaluate(
+        model,
+        ref_model,
+        data,
+        tokenizer,
+        group_column=a.group_column,
+        batch_size=a.batch_size,
+        max_length=a.max_length or run.get("max_length"),
+    )
+    summary = {
+        k: res[k]
+        for k in (
+            "n_pairs",
+            "n_dropped",
+            "accuracy",
+            "accuracy_macro",
+            "margin_mean",
+            "margin_mean_macro",
+            "n_groups",
+        )
+    }
+    by_group = None if res["by_group"] is None else res["by_group"].reset_index().to_dict("records")
+    print(markdown_table([{"metric": k, "value": v} for k, v in summary.items()], floatfmt=".4f", missing="nan"))
+    if by_group is not None:
+        print()
+        print(markdown_table(by_group, floatfmt=".4f", missing="nan"))
+    if a.json:
+        write_json(a.json, summary | {"by_group": by_group}, overwrite=a.overwrite, indent=2)
+    return 0
+
+
+def report_command(a) -> int:
+    """``mixdpo report``: plots of the learned strength and per-pair strengths, and a metrics table (no TRL)."""
+    import arviz as az
+
+    info = run_dir.read_strength_config(a.run_dir)
+    if info is None:
+        raise SystemExit(f"{a.run_dir!r} is not a MixDPO run directory (no {run_dir.STRENGTH_CONFIG_NAME}).")
+    data = _load_data(a.data) if a.data else None
+    idata = strength_to_arviz(a.run_dir, data)
+    out = _report_dir(a)
+    paths = plot_strength(idata, out, dpo_beta=info.get("beta"))
+    rows = [{"quantity": f"beta/{k}", "value": float(v)} for k, v in info.get("params", {}).items()]
+    post = idata.posterior["beta"].values.ravel()
+    rows += [
+        {"quantity": "beta/mean", "value": float(post.mean())},
+        {"quantity": "beta/std", "value": float(post.std())},
+        {"quantity": "beta/cv", "value": float(info.get("cv", post.std() / post.mean()))},
+    ]
+    metrics = run_dir.read_metrics(a.run_dir)
+    if metrics is not None:
+        rows += [
+            {"quantity": k, "value": float(v)}
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and ("rewards" in k or k == "eval_loss")
+        ]
+    table = markdown_table(rows, floatfmt=".4g", missing="nan")
+    summary = az.summary(idata, var_names=["beta"], kind="stats")
+    text = (
+        f"# MixDPO run {a.run_dir}\n\nstrength family: {info['family']} (fix_mean={info.get('fix_mean')}, "
+        f"objective={info.get('objective')})\n\n{table}\n\n```\n{summary.to_string()}\n```\n\n"
+        + "\n".join(f"![]({os.path.basename(p)})" for p in paths)
+        + "\n"
+    )
+    with open(os.path.join(out, run_dir.REPORT_FILE), "w") as f:
+        f.write(text)
+    print(text)
+    print("plots:", *paths, sep="\n  ")
+    return 0
+
+
+def demo_command(a) -> int:
+    """``mixdpo demo``: DPO against MixDPO on the tiny synthetic task, or a few SmolLM2 LoRA steps."""
+    import torch
+
+    from .experiments import demo_smollm2, demo_tiny
+
+    # A tiny model gains nothing from intra-op threads, and spinning OpenMP threads are slow when the cores are
+    # shared with other work.
+    torch.set_num_threads(max(1, a.threads))
+    if a.model == "smollm2":
+        demo_smollm2(a.output or os.path.join(os.getcwd(), "mixdpo-smollm2"), a.steps, a.seed)
+    else:
+        demo_tiny(a.pairs, a.heterogeneity, a.seed, a.steps, a.pretrain_steps)
+    return 0
+

@@ -1,0 +1,132 @@
+"""Configuration of MixDPO training: :class:`MixDPOConfig`, TRL's ``DPOConfig`` plus the strength distribution.
+
+The strength families and their parameter names come from the one registry, :data:`alignment.strength.STRENGTHS`
+(a family added with :func:`~alignment.strength.register_strength` is accepted here too), and the objectives
+from :data:`alignment.losses.OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from mixlogit.validation import check_count, check_non_negative, check_positive
+
+from .losses import check_objective
+from .strength import default_strength_init, parse_strength_init, strength_class
+
+__all__ = ["STRENGTH_LR_CAP", "STRENGTH_LR_MULTIPLIER", "MixDPOConfig", "check_supported", "to_mixdpo_config"]
+
+logger = logging.getLogger(__name__)
+
+# Default strength learning rate = this multiple of the policy's, capped. Adam moves every parameter by about
+# its learning rate per step whatever the gradient's scale. The strength parameters are O(1) numbers on a log
+# scale, while DPO's policy learning rates (1e-7 to 1e-5) are tuned for weight updates that are tiny relative
+# to the weights; 1000x lets the strength move by O(1) in a few thousand steps, and the cap keeps it from
+# jumping by more than about 1% of its scale per step when the policy rate is itself large.
+STRENGTH_LR_MULTIPLIER = 1000.0
+STRENGTH_LR_CAP = 1e-2
+
+
+@dataclass
+class MixDPOConfig(DPOConfig):
+    r"""Configuration of :class:`~alignment.trainer.MixDPOTrainer`: every ``trl.DPOConfig`` field plus the strength
+    distribution.
+
+    Args:
+        strength (`str`, defaults to `"lognormal"`):
+            Family of the preference-strength distribution p_phi(beta): `"point"` (beta fixed at `beta`: plain DPO),
+            `"lognormal"`, `"gamma"`, or a family added with `alignment.strength.register_strength`.
+        strength_init (`dict`, *optional*):
+            Initial family parameters (lognormal: `mu`, `sigma`; gamma: `shape`, `rate`). Missing ones are chosen
+            so that the initial mean equals `beta`; the default spread is sigma = 0.5 or shape = 4 (CV about 0.5).
+            A JSON string is accepted (for command lines).
+        strength_integrator (`str`, *optional*):
+            How E_beta[.] is computed (family-specific; None: the family's default, e.g. Gauss-Hermite for the
+            lognormal and the closed form for the gamma).
+        strength_nodes (`int`, *optional*):
+            Quadrature nodes or draws of the integrator (None: the family's default).
+        strength_learning_rate (`float`, *optional*):
+            Learning rate of the strength parameters. Default: `min(1000 * learning_rate, 1e-2)` (the strength
+            parameters are O(1) on a log scale; see `STRENGTH_LR_MULTIPLIER`).
+        strength_fix_mean (`bool`, defaults to `False`):
+            Pin the mean of the strength distribution to `beta` and learn only its shape. The location of beta and
+            the scale of the policy's log-ratio margins are partly confounded: with the mean free, the likelihood
+            can rise by sharpening beta instead of moving the policy, which weakens DPO's implicit KL anchor.
+            On the synthetic pluralistic benchmark (benchmarks/bench_pluralistic.py) the free mean drifts up
+            (Gamma: E[beta] 0.1 -> 0.14-1.2; LogNormal: to 7-120 with CV up to ~100, unstable across seeds) while
+            held-out log-ratio margins shrink 3-9x; with the mean pinned the spread stays small and grows with
+            the annotators' heterogeneity, and accuracy stays at DPO's. Pin the mean when the strength should stay
+            interpretable as DPO's beta.
+        objective (`str`, defaults to `"marginal"`):
+            `"marginal"`: -log E_beta[sigmoid(beta h)] (the mixed-logit likelihood); `"expected"`:
+            E_beta[-log sigmoid(beta h)] (an upper bound by Jensen).
+        group_column (`str`, *optional*):
+            Subgroup or annotator column of the datasets; it survives preprocessing, and evaluation then reports
+            the macro (over groups) preference accuracy `rewards/accuracies_macro` next to TRL's micro one.
+    """
+
+    strength: str = field(default="lognormal", metadata={"help": "point | lognormal | gamma | a registered family"})
+    strength_init: dict | str | None = field(default=None, metadata={"help": "initial family parameters"})
+    strength_integrator: str | None = field(default=None, metadata={"help": "integrator of E_beta[.]"})
+    strength_nodes: int | None = field(default=None, metadata={"help": "quadrature nodes or draws"})
+    strength_learning_rate: float | None = field(default=None, metadata={"help": "learning rate of phi"})
+    strength_fix_mean: bool = field(default=False, metadata={"help": "pin E[beta] to beta"})
+    objective: str = field(default="marginal", metadata={"help": "marginal | expected"})
+    group_column: str | None = field(default=None, metadata={"help": "subgroup or annotator column"})
+
+    def __post_init__(self):
+        strength_class(self.strength)
+        check_objective(self.objective)
+        self.strength_init = parse_strength_init(self.strength_init)
+        if self.strength_learning_rate is not None:
+            check_non_negative("strength_learning_rate", self.strength_learning_rate)
+        check_count("strength_nodes", self.strength_nodes, allow_none=True)
+        try:
+            check_positive("beta", self.beta)
+        except ValueError as e:
+            raise ValueError(f"{e}: beta is the mean of the strength distribution.") from None
+        # Validate the initial parameters now, so that a typo fails at configuration time.
+        default_strength_init(self.strength, self.beta, self.strength_init, self.strength_fix_mean)
+        super().__post_init__()
+
+    @property
+    def resolved_strength_learning_rate(self) -> float:
+        """The strength learning rate in use (the explicit one, or the documented default)."""
+        if self.strength_learning_rate is not None:
+            return float(self.strength_learning_rate)
+        return min(STRENGTH_LR_MULTIPLIER * self.learning_rate, STRENGTH_LR_CAP)
+
+
+def to_mixdpo_config(args) -> MixDPOConfig:
+    """Upgrade a plain ``DPOConfig`` (same fields, MixDPO defaults for the rest)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DPOConfig) if f.init}
+    return MixDPOConfig(**values)
+
+
+def check_supported(args) -> None:
+    """Refuse the ``DPOConfig`` options that MixDPO does not implement (TRL's other losses, f-divergences, LD-DPO,
+    WPO), with the setting to use instead; warn that ``label_smoothing`` is ignored, as TRL does."""
+    if list(args.loss_type) != ["sigmoid"]:
+        raise ValueError(
+            f"MixDPO replaces DPO's sigmoid loss; loss_type={args.loss_type} is not supported. "
+            "Use loss_type='sigmoid' (the default)."
+        )
+    if args.f_divergence_type != "reverse_kl":
+        raise ValueError(
+            f"f_divergence_type={args.f_divergence_type!r} is not supported by MixDPOTrainer; "
+            "use the default 'reverse_kl'."
+        )
+    if args.ld_alpha is not None:
+        raise ValueError("ld_alpha (LD-DPO) is not supported by MixDPOTrainer; leave it None.")
+    if args.use_weighting:
+        raise ValueError("use_weighting (WPO) is not supported by MixDPOTrainer; leave it False.")
+    if args.label_smoothing:
+        # TRL's sigmoid loss ignores it too; MixDPO keeps DPOTrainer's behaviour rather than guess a meaning.
+        logger.warning(
+            "label_smoothing=%s is ignored by the sigmoid (MixDPO) loss, as by TRL's DPOTrainer.",
+            args.label_smoothing,
+        )
