@@ -7,7 +7,7 @@
 """
 
 from . import datasets
-from .bayes_results import BayesResults
+from .bayes.results import BayesResults
 from .data import ChoiceData, ChoiceDataError, wide_to_long
 from .diagnostics import heterogeneity, plot_heterogeneity, to_arviz
 from .distributions import DISTRIBUTION_NAMES

@@ -97,7 +97,7 @@ def _stats_over_draws(spec: Spec, theta_draws: np.ndarray) -> np.ndarray:
 
 
 def _is_bayes(res) -> bool:
-    from .bayes_results import BayesResults
+    from .bayes.results import BayesResults
 
     return isinstance(res, BayesResults)
 
@@ -346,7 +346,7 @@ def bayes_to_arviz(res, data: ChoiceData | None = None, n: int | None = None, lo
     """
     import xarray as xr
 
-    from .bayes_results import StoredSampler, SVISampler
+    from .bayes.samplers import StoredSampler, SVISampler
 
     if log_likelihood not in ("marginal", "conditional"):
         raise ValueError(f"unknown log_likelihood {log_likelihood!r}; accepted: marginal, conditional")

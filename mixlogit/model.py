@@ -130,9 +130,9 @@ class MixedLogit:
         if method == "msl":
             return self.fit_msl(data, **kwargs)
         if method in ("svi", "nuts"):
-            from . import bayes  # optional heavy import (Pyro)
+            from .bayes.fit import fit as fit_bayes  # the one deferred import: Pyro loads only when used
 
-            return bayes.fit(self, data, method=method, **kwargs)
+            return fit_bayes(self, data, method=method, **kwargs)
         raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
 
     def make_problem(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton",

@@ -423,7 +423,7 @@ def load(path: str | os.PathLike):
         raise ValueError(f"{path} has format version {version!r}; this mixlogit reads version {FORMAT_VERSION} "
                          "(upgrade mixlogit to read it)")
     if fmt == BAYES_FORMAT:
-        from .bayes_results import BayesResults as cls
+        from .bayes.results import BayesResults as cls
     else:
         cls = MixedLogitResults
     try:

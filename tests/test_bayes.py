@@ -16,10 +16,14 @@ import torch
 from scipy import stats
 
 import mixlogit as ml
-from mixlogit import bayes, load
-from mixlogit.bayes_results import BayesResults
+from mixlogit import load
+from mixlogit.bayes import model as bayes_model
+from mixlogit.bayes.guides import UnitGaussian, site_posterior
+from mixlogit.bayes.model import StdNormalVector, prepare
+from mixlogit.bayes.pilot import initialize, unit_laplace
+from mixlogit.bayes.priors import IndependentPriors, Prior, PriorError, parse_prior, resolve_priors
+from mixlogit.bayes.results import BayesResults
 from mixlogit.cli import main
-from mixlogit.priors import IndependentPriors, Prior, PriorError, parse_prior, resolve_priors
 
 TRUTH = {"x1": ("normal", 1.0, 0.7), "x2": ("normal", -0.5, 0.5)}
 
@@ -70,7 +74,7 @@ def test_independent_priors_log_density_and_standardization():
 
 
 def test_global_prior_is_the_priors_times_the_jacobian(sim):
-    hm = bayes._prepare(sim.model, sim.data, None)
+    hm = prepare(sim.model, sim.data, None)
     u = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4], dtype=torch.float64)  # identity whitening: v = u
     fixed, loc, log_sd = 0.3, [-0.2, 0.5], np.array([0.1, -0.4])
     ref = (stats.norm.logpdf(fixed, 0, 10) + stats.norm.logpdf(loc, 0, 10).sum()
@@ -91,7 +95,7 @@ def test_global_prior_is_the_priors_times_the_jacobian(sim):
 def test_model_likelihood_is_the_logit_of_the_data(sim):
     """hm.loglik (the kernel with R = 1) against a direct softmax over the long table."""
     data = sim.data
-    hm = bayes._prepare(sim.model, data, None)
+    hm = prepare(sim.model, data, None)
     theta = torch.tensor([0.8, 1.1, -0.4, 0.6, 0.3], dtype=torch.float64)  # x3, x1, x2, sd.x1, sd.x2
     z = torch.as_tensor(np.random.default_rng(0).normal(size=(data.n_units, 2)))
     ll = hm.loglik(theta, z, slice(None)).numpy()
@@ -112,8 +116,8 @@ def test_model_likelihood_is_the_logit_of_the_data(sim):
 
 def test_laplace_modes_slopes_and_sites(sim):
     data = sim.data
-    hm = bayes._prepare(sim.model, data, None)
-    init = bayes.initialize(sim.model, data, hm, how="msl", seed=0, init_draws=50, init_units=2000)
+    hm = prepare(sim.model, data, None)
+    init = initialize(sim.model, data, hm, how="msl", seed=0, init_draws=50, init_units=2000)
     g = init.globals
     theta = hm.theta(g)
     z = init.a.clone().requires_grad_(True)
@@ -125,11 +129,11 @@ def test_laplace_modes_slopes_and_sites(sim):
     for d in (0, 3):  # a fixed coefficient and a log-spread: slope of the mode against finite differences
         u = u0.clone()
         u[d] += eps
-        a1, _, _ = bayes._unit_laplace(hm, hm.natural(u), iters=30)
-        a0, _, _ = bayes._unit_laplace(hm, hm.natural(u0), iters=30)
+        a1, _, _ = unit_laplace(hm, hm.natural(u), iters=30)
+        a0, _, _ = unit_laplace(hm, hm.natural(u0), iters=30)
         np.testing.assert_allclose(((a1 - a0) / eps).numpy(), init.B[..., d].numpy(), atol=2e-4)
     eta, R = init.sites(hm)
-    q = bayes._site_posterior(g["loc"], hm.scale_matrix(g), eta, R)
+    q = site_posterior(g["loc"], hm.scale_matrix(g), eta, R)
     P = q.precision_tril @ q.precision_tril.transpose(-1, -2)
     np.testing.assert_allclose(q.loc.numpy(), init.a.numpy(), atol=1e-10)
     np.testing.assert_allclose(torch.linalg.inv(P).numpy(), init.V.numpy(), atol=1e-10)
@@ -144,9 +148,9 @@ def test_unit_gaussian_kl_and_log_prob_match_torch():
     std = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.float64),
                                                  covariance_matrix=torch.eye(3, dtype=torch.float64))
     x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
-    for q in (bayes.UnitGaussian(loc, scale_tril=torch.linalg.cholesky(cov)),
-              bayes.UnitGaussian(loc, precision_tril=torch.linalg.cholesky(torch.linalg.inv(cov)))):
-        kl = torch.distributions.kl_divergence(q, bayes.StdNormalVector(3, (4,)))
+    for q in (UnitGaussian(loc, scale_tril=torch.linalg.cholesky(cov)),
+              UnitGaussian(loc, precision_tril=torch.linalg.cholesky(torch.linalg.inv(cov)))):
+        kl = torch.distributions.kl_divergence(q, StdNormalVector(3, (4,)))
         np.testing.assert_allclose(kl.numpy(), torch.distributions.kl_divergence(ref, std).numpy(), rtol=1e-10)
         np.testing.assert_allclose(q.log_prob(x).numpy(), ref.log_prob(x).numpy(), rtol=1e-10)
         draws = q.expand(torch.Size([4])).rsample(torch.Size([20000]))
@@ -253,7 +257,7 @@ def test_correlated_and_lognormal_models():
     res = sim.model.fit(sim.data, method="svi", steps=1000)
     assert res.param_names == ["a", "b", "sd.a", "sd.b", "chol.b.a"]
     assert abs(res.params["chol.b.a"] - 0.4) < 3 * res.bse["chol.b.a"]
-    hm = bayes._prepare(sim.model, sim.data, None)
+    hm = prepare(sim.model, sim.data, None)
     g = hm.natural(torch.tensor([0.1, -0.2, 0.3, -0.1, 0.4], dtype=torch.float64))
     L = hm.spec.cholesky(hm.theta(g))  # the reported Cholesky factor and the model's scale matrix agree
     C = hm.scale_matrix(g)
@@ -294,14 +298,14 @@ def test_data_errors_are_the_msl_ones(sim):
 
 def test_nan_elbo_stops_keeps_the_best_parameters_and_says_why(sim, monkeypatch):
     calls = {"n": 0}
-    real = bayes.conditional_loglik
+    real = bayes_model.conditional_loglik
 
     def broken(*args, **kwargs):
         calls["n"] += 1
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] > 120 else out
 
-    monkeypatch.setattr(bayes, "conditional_loglik", broken)
+    monkeypatch.setattr(bayes_model, "conditional_loglik", broken)
     with pytest.warns(RuntimeWarning, match=r"ELBO is NaN/infinite at step \d+; .*smaller learning_rate"):
         res = sim.model.fit(sim.data, method="svi", steps=400, seed=0)
     assert not res.converged and "NaN" in res.message

@@ -36,7 +36,7 @@ import pyro.distributions as pdist
 import torch
 from torch.distributions import constraints
 
-from .spec import Spec
+from ..spec import Spec
 
 #: family -> (parameter names, support, parameters that must be > 0)
 PRIOR_FAMILIES: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
@@ -150,7 +150,7 @@ def parse_prior(value, where: str = "prior") -> Prior:
         msg = str(e)
         raise PriorError(msg if msg.startswith(where) else f"{where}: {msg}") from None
     raise PriorError(f"{where}: expected a string like 'normal(0, 10)', a tuple ('normal', 0, 10), a dict with "
-                     f"'family', or a mixlogit.priors.Prior; got {value!r}")
+                     f"'family', or a mixlogit.bayes.priors.Prior; got {value!r}")
 
 
 def default_prior(spec: Spec, name: str) -> Prior:

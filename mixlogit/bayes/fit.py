@@ -1,0 +1,63 @@
+"""The entry point of the Bayesian estimators: ``fit(model, data, method="svi" | "nuts", **options)``.
+
+:data:`SVI_OPTIONS` and :data:`NUTS_OPTIONS` list each estimator's options
+(:func:`mixlogit.bayes.svi.fit_svi`, :func:`mixlogit.bayes.nuts.fit_nuts`). The options both share (unknown
+names, ``init``, ``seed``, ``priors``) are checked here, before any work; each estimator checks its own.
+"""
+
+from __future__ import annotations
+
+from ..data import ChoiceData
+from ..validation import check_seed
+from .guides import GUIDES
+from .nuts import fit_nuts
+from .pilot import INITS
+from .results import BayesResults
+from .svi import fit_svi
+
+__all__ = ["GUIDES", "INITS", "NUTS_OPTIONS", "SVI_OPTIONS", "fit"]
+
+SVI_OPTIONS = ("steps", "guide", "subsample", "learning_rate", "seed", "priors", "progress", "init", "tol",
+               "num_draws", "init_draws", "init_units", "window", "num_particles")
+NUTS_OPTIONS = ("num_samples", "num_warmup", "chains", "seed", "priors", "progress", "init", "target_accept",
+                "max_tree_depth", "init_draws", "init_units")
+
+
+def fit(model, data: ChoiceData, method: str = "svi", **kwargs) -> BayesResults:
+    """Bayesian estimation of ``model`` on ``data``; called by ``MixedLogit.fit(data, method="svi" | "nuts")``.
+
+    SVI keywords: ``steps=3000`` (most steps; it usually stops after 500 to 1000), ``guide="fullrank"``
+    ("meanfield", "fullrank" or "amortized", see :mod:`mixlogit.bayes.guides`), ``subsample=None`` (units per
+    step: minibatch SVI, ``pyro.plate("person", N, subsample_size=subsample)``), ``learning_rate=0.01`` (Adam;
+    the standardized population parameters take 5x), ``seed=0``, ``priors=None`` (see
+    :mod:`mixlogit.bayes.priors`), ``progress=False``, ``init="msl"`` (pilot MSL start) or ``"mnl"``,
+    ``tol=1e-4`` (relative change of the windowed ELBO that counts as converged), ``window=None`` (steps per ELBO
+    window, default ``clip(steps // 60, 50, 100)``, fewer when ``steps`` is small), ``num_draws=4000`` (posterior
+    draws kept), ``init_draws=200``, ``init_units=2000`` (draws and units of the pilot fit),
+    ``num_particles=1`` (ELBO particles per step, vectorized).
+
+    NUTS keywords: ``num_samples=1000``, ``num_warmup=1000``, ``chains=2``, ``seed=0``, ``priors=None``,
+    ``progress=False``, ``init="msl"``, ``target_accept=0.8``, ``max_tree_depth=10``.
+
+    Returns a :class:`mixlogit.bayes.results.BayesResults`.
+    """
+    if method == "svi":
+        _check_common(kwargs, SVI_OPTIONS, method)
+        return fit_svi(model, data, **kwargs)
+    if method == "nuts":
+        _check_common(kwargs, NUTS_OPTIONS, method)
+        return fit_nuts(model, data, **kwargs)
+    raise ValueError(f"unknown Bayesian method {method!r}; accepted: svi, nuts")
+
+
+def _check_common(kwargs, allowed, method):
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"unknown argument {unknown[0]!r} for method={method!r}; accepted: {', '.join(allowed)}")
+    init = kwargs.get("init", "msl")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
+    check_seed(kwargs.get("seed", 0))
+    priors = kwargs.get("priors")
+    if priors is not None and not isinstance(priors, dict):
+        raise TypeError(f"priors must be a dict mapping parameter names or groups to priors, got {priors!r}")

@@ -1,0 +1,178 @@
+"""Stochastic variational inference: the fit loop around Pyro's ELBO.
+
+SVI minimizes the negative ELBO (``TraceMeanField_ELBO``: analytic KL terms for the units) with Adam, the
+population parameters at 5 x ``learning_rate``, the learning rate decaying 0.7x per window of steps to a tenth;
+it stops at the first window (after five) whose average ELBO does not beat the previous one by more than ``tol``
+(relative) or twice the noise of the averages, and over which the window-averaged population parameters moved
+less than 0.1 posterior sd. A NaN ELBO stops the run with the best parameters so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from ..data import ChoiceData
+from ..progress import progress_bar
+from ..validation import check_int
+from .guides import GUIDES, Guide
+from .model import prepare
+from .pilot import initialize
+from .priors import describe
+from .results import BayesResults
+from .samplers import SVISampler
+
+#: Learning rate of the (standardized) population parameters relative to ``learning_rate``.
+GLOBAL_LR_FACTOR = 5.0
+#: Per-window decay of the learning rate, its floor (relative), and the fewest windows before stopping.
+LR_DECAY, LR_FLOOR, MIN_WINDOWS = 0.7, 0.1, 5
+#: Largest move of the window-averaged population parameters (whitened: posterior sds) that counts as converged.
+MAX_DRIFT = 0.1
+
+
+class _SnapshotState:
+    """Best parameters so far (by windowed ELBO), to return them if the run breaks down."""
+
+    def __init__(self, module):
+        self.module = module
+        self.state = copy.deepcopy(module.state_dict())
+        self.step = 0
+        self.elbo = -math.inf
+
+    def save(self, step, elbo):
+        self.state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        self.step, self.elbo = step, elbo
+
+    def restore(self):
+        self.module.load_state_dict(self.state)
+
+
+def fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning_rate=0.01, seed=0, priors=None,
+            progress=False, init="msl", tol=1e-4, window=None, num_draws=4000, init_draws=200, init_units=2000,
+            num_particles=1) -> BayesResults:
+    """SVI of ``model`` on ``data``; the options are those of :func:`mixlogit.bayes.fit.fit`."""
+    t0 = time.perf_counter()
+    steps = check_int("steps", steps)
+    if guide not in GUIDES:
+        raise ValueError(f"unknown guide {guide!r}; accepted: {', '.join(GUIDES)}")
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) or not (
+            math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    num_draws = check_int("num_draws", num_draws, 2)
+    num_particles = check_int("num_particles", num_particles)
+    init_draws = check_int("init_draws", init_draws)
+    init_units = check_int("init_units", init_units)
+    n_units = data.n_units if isinstance(data, ChoiceData) else 0
+    if subsample is not None:
+        subsample = check_int("subsample", subsample)
+        if subsample > n_units:
+            raise ValueError(f"subsample={subsample} exceeds the number of units ({n_units}); use subsample=None "
+                             "for full-batch SVI")
+        if subsample == n_units:
+            subsample = None
+    if window is None:  # at least MIN_WINDOWS windows fit into the step budget
+        window = max(10, min(int(np.clip(steps // 60, 50, 100)), steps // MIN_WINDOWS))
+    window = check_int("window", window)
+
+    hm = prepare(model, data, priors, subsample)
+    with pyro.settings.context(module_local_params=True), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        start = initialize(model, data, hm, how=init, seed=int(seed), init_draws=init_draws, init_units=init_units)
+        g = Guide(hm, guide, start)
+        # Several particles are drawn in one vectorized pass (the kernel takes them as draws).
+        elbo_fn = TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1,
+                                      max_plate_nesting=1)
+        with warnings.catch_warnings(), pyro.validation_enabled(False):
+            warnings.filterwarnings("ignore", message=".*mean field.*")
+            g()  # builds the autoguide's parameters
+            g.set_initial_scales(start.u_scale)
+            params = [p for p in g.parameters() if p.requires_grad]
+            global_params = [p for p in g.globals.parameters() if p.requires_grad]
+            ids = {id(p) for p in global_params}
+            local_params = [p for p in params if id(p) not in ids]
+            # The population parameters are standardized (posterior sd about one): they take larger steps.
+            groups = [{"params": global_params, "base_lr": GLOBAL_LR_FACTOR * learning_rate}]
+            if local_params:
+                groups.append({"params": local_params, "base_lr": learning_rate})
+            opt = torch.optim.Adam([{**gr, "lr": gr["base_lr"]} for gr in groups])
+            trace, best = [], _SnapshotState(g)
+            converged, message, windows, centers = False, "", [], []
+            center_sum = torch.zeros(hm.dim, dtype=torch.float64)
+            bar = progress_bar(progress, steps, desc="SVI", unit="step")
+            for step in range(1, steps + 1):
+                opt.zero_grad(set_to_none=True)
+                loss = elbo_fn.differentiable_loss(hm.model, g)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    best.restore()
+                    message = (f"ELBO is NaN/infinite at step {step}; stopped and kept the best parameters so far "
+                               f"(step {best.step}). Try a smaller learning_rate (e.g. {learning_rate / 10:g}).")
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                    break
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 100.0 * math.sqrt(len(params)))
+                opt.step()
+                trace.append(-value)
+                center_sum += g.globals.loc.detach()
+                if bar:
+                    bar.update(1)
+                if step % window:
+                    continue
+                mean = float(np.mean(trace[-window:]))
+                windows.append(mean)
+                centers.append(center_sum / window)
+                center_sum = torch.zeros_like(center_sum)
+                if bar:
+                    bar.set_postfix(elbo=f"{mean:.1f}")
+                if mean > best.elbo:
+                    best.save(step, mean)
+                # Learning rate: 0.7x per window down to a tenth; converged at the first plateau after that.
+                decay = max(LR_FLOOR, LR_DECAY ** len(windows))
+                for group in opt.param_groups:
+                    group["lr"] = group["base_lr"] * decay
+                # Converged: the windowed ELBO stopped improving and the population parameters stopped moving
+                # (their window averages, on the whitened scale where a posterior sd is about one).
+                drift = float((centers[-1] - centers[-2]).abs().max()) if len(centers) > 1 else math.inf
+                if len(windows) >= MIN_WINDOWS and drift < MAX_DRIFT and _plateau(windows, trace, window, tol):
+                    converged = True
+                    message = (f"converged after {step} steps (windowed ELBO: no improvement beyond {tol:g} "
+                               f"relative or its noise; population parameters moved < {MAX_DRIFT} posterior sd)")
+                    break
+            if bar:
+                bar.close()
+            if not message:
+                message = f"ELBO still improving after {steps} steps"
+                warnings.warn(f"SVI did not converge: {message}; increase steps", RuntimeWarning, stacklevel=3)
+        sampler = SVISampler(g)
+        draws = sampler.draw_theta(num_draws, seed=int(seed) + 1)
+        ind_mean, ind_sd = sampler.individual_moments(n=200, seed=int(seed) + 2)
+    settings = {"method": "svi", "steps": steps, "guide": guide, "subsample": subsample,
+                "learning_rate": learning_rate, "seed": int(seed), "init": init, "tol": tol, "window": window,
+                "num_draws": num_draws, "init_draws": init_draws, "init_units": init_units,
+                "num_particles": num_particles, "steps_run": len(trace)}
+    return BayesResults(
+        method="svi", model_args=model.to_dict(), spec=hm.spec, draws=draws[None], individual_mean=ind_mean,
+        individual_sd=ind_sd, unit_labels=list(data.unit_labels), elbo=np.asarray(trace), sample_stats={},
+        converged=converged, message=message, n_iter=len(trace), settings=settings, priors=describe(hm.priors),
+        fit_time=time.perf_counter() - t0, n_obs=data.n_situations, n_units=data.n_units, sampler=sampler,
+        data=data,
+    )
+
+
+def _plateau(windows, trace, window, tol) -> bool:
+    """True when the last window's mean ELBO is not better than the previous one by more than ``tol`` (relative)
+    or by more than twice the standard error of the difference (the noise of the estimate)."""
+    prev, cur = windows[-2], windows[-1]
+    a, b = np.asarray(trace[-2 * window:-window]), np.asarray(trace[-window:])
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    return (cur - prev) < max(tol * abs(cur), 2.0 * se)
+
