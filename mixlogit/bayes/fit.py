@@ -1,11 +1,14 @@
 """The entry point of the Bayesian estimators: ``fit(model, data, method="svi" | "nuts", **options)``.
 
-:data:`SVI_OPTIONS` and :data:`NUTS_OPTIONS` list each estimator's options
-(:func:`mixlogit.bayes.svi.fit_svi`, :func:`mixlogit.bayes.nuts.fit_nuts`). The options both share (unknown
-names, ``init``, ``seed``, ``priors``) are checked here, before any work; each estimator checks its own.
+Each estimator's options are its keyword-only arguments (:func:`mixlogit.bayes.svi.fit_svi`,
+:func:`mixlogit.bayes.nuts.fit_nuts`); :data:`SVI_OPTIONS` and :data:`NUTS_OPTIONS` list them. The options
+both share (unknown names, ``init``, ``seed``, ``priors``) are checked here, before any work; each estimator
+checks its own.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from ..data import ChoiceData
 from ..validation import check_seed
@@ -15,12 +18,20 @@ from .pilot import INITS
 from .results import BayesResults
 from .svi import fit_svi
 
-__all__ = ["GUIDES", "INITS", "NUTS_OPTIONS", "SVI_OPTIONS", "fit"]
+__all__ = ["ESTIMATORS", "GUIDES", "INITS", "NUTS_OPTIONS", "OPTIONS", "SVI_OPTIONS", "fit"]
 
-SVI_OPTIONS = ("steps", "guide", "subsample", "learning_rate", "seed", "priors", "progress", "init", "tol",
-               "num_draws", "init_draws", "init_units", "window", "num_particles")
-NUTS_OPTIONS = ("num_samples", "num_warmup", "chains", "seed", "priors", "progress", "init", "target_accept",
-                "max_tree_depth", "init_draws", "init_units")
+#: method -> estimator, called as ``estimator(model, data, **options)``.
+ESTIMATORS = {"svi": fit_svi, "nuts": fit_nuts}
+
+
+def _options(estimator) -> tuple[str, ...]:
+    """The options an estimator takes: its keyword-only arguments, in order."""
+    return tuple(name for name, p in inspect.signature(estimator).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+#: method -> the names of its options.
+OPTIONS = {method: _options(estimator) for method, estimator in ESTIMATORS.items()}
+SVI_OPTIONS, NUTS_OPTIONS = OPTIONS["svi"], OPTIONS["nuts"]
 
 
 def fit(model, data: ChoiceData, method: str = "svi", **kwargs) -> BayesResults:
@@ -41,13 +52,10 @@ def fit(model, data: ChoiceData, method: str = "svi", **kwargs) -> BayesResults:
 
     Returns a :class:`mixlogit.bayes.results.BayesResults`.
     """
-    if method == "svi":
-        _check_common(kwargs, SVI_OPTIONS, method)
-        return fit_svi(model, data, **kwargs)
-    if method == "nuts":
-        _check_common(kwargs, NUTS_OPTIONS, method)
-        return fit_nuts(model, data, **kwargs)
-    raise ValueError(f"unknown Bayesian method {method!r}; accepted: svi, nuts")
+    if method not in ESTIMATORS:
+        raise ValueError(f"unknown Bayesian method {method!r}; accepted: {', '.join(ESTIMATORS)}")
+    _check_common(kwargs, OPTIONS[method], method)
+    return ESTIMATORS[method](model, data, **kwargs)
 
 
 def _check_common(kwargs, allowed, method):

@@ -276,7 +276,7 @@ class Guide(torch.nn.Module):
     def sample_globals(self, n: int) -> dict[str, torch.Tensor]:
         """n draws of the natural globals from the guide (leading dim n)."""
         with torch.no_grad():
-            return self.hm.unpack(self.globals.get_posterior().sample((n,)))
+            return self.hm.natural(self.globals.get_posterior().sample((n,)))
 
     def sample_z(self, g: dict[str, torch.Tensor], index) -> torch.Tensor:
         """Draws of z (n, B, K) for units ``index`` given n global draws ``g``."""

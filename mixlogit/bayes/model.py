@@ -192,10 +192,6 @@ class HierarchicalMixedLogit:
         v = self.raw(g) - self.center
         return torch.linalg.solve_triangular(self.W, v.unsqueeze(-1), upper=False).squeeze(-1)
 
-    def unpack(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Natural global values from a draw of the global guide's latent (the whitened u)."""
-        return self.natural(u)
-
     def scale_matrix(self, g: dict[str, torch.Tensor]) -> torch.Tensor:
         """C (..., K, K) with ``w = loc + C z`` the linear predictor of the random coefficients (column order):
         ``diag(sd)`` for independent coefficients, the Cholesky factor ``diag(s) chol(Omega)`` on the correlated

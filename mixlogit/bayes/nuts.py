@@ -51,7 +51,7 @@ class _NUTS(pyro.infer.NUTS):
         return out
 
 
-def fit_nuts(model, data, num_samples=1000, num_warmup=1000, chains=2, seed=0, priors=None, progress=False,
+def fit_nuts(model, data, *, num_samples=1000, num_warmup=1000, chains=2, seed=0, priors=None, progress=False,
              init="msl", target_accept=0.8, max_tree_depth=10, init_draws=200, init_units=2000) -> BayesResults:
     """NUTS of ``model`` on ``data``; the options are those of :func:`mixlogit.bayes.fit.fit`."""
     t0 = time.perf_counter()
@@ -105,13 +105,10 @@ def fit_nuts(model, data, num_samples=1000, num_warmup=1000, chains=2, seed=0, p
     settings = {"method": "nuts", "num_samples": num_samples, "num_warmup": num_warmup, "chains": chains,
                 "seed": int(seed), "init": init, "target_accept": target_accept, "max_tree_depth": max_tree_depth,
                 "init_draws": init_draws, "init_units": init_units}
-    return BayesResults(
-        method="nuts", model_args=model.to_dict(), spec=hm.spec, draws=theta, individual_mean=ind_mean,
-        individual_sd=ind_sd, unit_labels=list(data.unit_labels), elbo=None, sample_stats=sample_stats,
-        converged=converged, message=message, n_iter=num_samples, settings=settings, priors=describe(hm.priors),
-        fit_time=time.perf_counter() - t0, n_obs=data.n_situations, n_units=data.n_units, sampler=sampler,
-        data=data,
-    )
+    return BayesResults.from_fit(
+        method="nuts", model=model, data=data, spec=hm.spec, sampler=sampler, draws=theta, individual_mean=ind_mean,
+        individual_sd=ind_sd, elbo=None, sample_stats=sample_stats, converged=converged, message=message,
+        n_iter=num_samples, settings=settings, priors=describe(hm.priors), fit_time=time.perf_counter() - t0)
 
 
 class _LaplaceCoordinates:

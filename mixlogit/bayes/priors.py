@@ -50,6 +50,11 @@ PRIOR_FAMILIES: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
     "gamma": (("concentration", "rate"), "positive", ("concentration", "rate")),
     "lkj": (("eta",), "correlation", ("eta",)),
 }
+#: family -> its torch distribution (every family but ``lkj``), parameters in the order of PRIOR_FAMILIES.
+_TORCH_FAMILIES = {"normal": torch.distributions.Normal, "student_t": torch.distributions.StudentT,
+                   "cauchy": torch.distributions.Cauchy, "halfnormal": torch.distributions.HalfNormal,
+                   "halfcauchy": torch.distributions.HalfCauchy, "lognormal": torch.distributions.LogNormal,
+                   "exponential": torch.distributions.Exponential, "gamma": torch.distributions.Gamma}
 GROUPS = ("fixed", "loc", "sd", "corr")
 _LOGNORMAL_FAMILIES = ("lognormal", "-lognormal")
 
@@ -89,25 +94,8 @@ class Prior:
 
     def distribution(self, dtype=torch.float64) -> torch.distributions.Distribution:
         """The scalar torch distribution (not for ``lkj``, which needs the dimension: see :func:`lkj_distribution`)."""
-        p = [torch.tensor(float(v), dtype=dtype) for v in self.params]
-        d = torch.distributions
-        f = self.family
-        if f == "normal":
-            return d.Normal(*p)
-        if f == "student_t":
-            return d.StudentT(*p)
-        if f == "cauchy":
-            return d.Cauchy(*p)
-        if f == "halfnormal":
-            return d.HalfNormal(*p)
-        if f == "halfcauchy":
-            return d.HalfCauchy(*p)
-        if f == "lognormal":
-            return d.LogNormal(*p)
-        if f == "exponential":
-            return d.Exponential(*p)
-        if f == "gamma":
-            return d.Gamma(*p)
+        if self.family in _TORCH_FAMILIES:
+            return _TORCH_FAMILIES[self.family](*[torch.tensor(float(v), dtype=dtype) for v in self.params])
         raise PriorError(f"prior {self} is a prior on correlation matrices; use it for the 'corr' key "
                          "(see lkj_distribution)")
 
@@ -290,11 +278,7 @@ class IndependentPriors(pdist.TorchDistribution):
 
 def _batched(family: str, params: torch.Tensor, dtype) -> torch.distributions.Distribution:
     """A batched torch distribution of one family; ``params`` (n_params, n)."""
-    d = torch.distributions
-    cls = {"normal": d.Normal, "student_t": d.StudentT, "cauchy": d.Cauchy, "halfnormal": d.HalfNormal,
-           "halfcauchy": d.HalfCauchy, "lognormal": d.LogNormal, "exponential": d.Exponential,
-           "gamma": d.Gamma}[family]
-    return cls(*[params[i].to(dtype) for i in range(params.shape[0])], validate_args=False)
+    return _TORCH_FAMILIES[family](*[params[i].to(dtype) for i in range(params.shape[0])], validate_args=False)
 
 
 def lkj_distribution(prior: Prior, dim: int, dtype=torch.float64):

@@ -14,7 +14,7 @@ import pandas as pd
 from ..budget import MAX_INDIVIDUAL_ELEMENTS
 from ..persistence import write_json
 from ..spec import Spec
-from .samplers import StoredSampler, SVISampler
+from .samplers import StoredSampler, SVISampler, random_rows
 
 #: The format field of Bayesian results files (the name is the module's before it moved into the package; saved
 #: files keep it), which :func:`mixlogit.load` also reads.
@@ -77,6 +77,13 @@ class BayesResults:
         self.n_obs, self.n_units = int(n_obs), int(n_units)
         self._sampler = sampler if sampler is not None else StoredSampler(self.draws)
         self._data = data
+
+    @classmethod
+    def from_fit(cls, *, method, model, data, spec: Spec, sampler, **fields) -> BayesResults:
+        """The results of a fit of ``model`` (a :class:`mixlogit.MixedLogit`) on ``data`` that has just run:
+        the model, units and sampler as every estimator records them, the rest (``fields``) as given."""
+        return cls(method=method, model_args=model.to_dict(), spec=spec, unit_labels=list(data.unit_labels),
+                   n_obs=data.n_situations, n_units=data.n_units, sampler=sampler, data=data, **fields)
 
     # ------------------------------------------------------------------ tables
     @property
@@ -166,9 +173,7 @@ class BayesResults:
         else:
             theta_c, beta_c = self._sampler.chains(None, seed, individual=individual)
             flat = theta_c.reshape(-1, theta_c.shape[-1])
-            if n > len(flat):
-                raise ValueError(f"n={n} exceeds the {len(flat)} posterior draws of this NUTS run")
-            idx = np.sort(np.random.default_rng(seed).choice(len(flat), size=n, replace=False))
+            idx = random_rows(len(flat), n, seed, what="posterior draws of this NUTS run")
             theta = flat[idx]
             beta = None if beta_c is None else beta_c.reshape(-1, *beta_c.shape[2:])[idx]
         return PosteriorDraws(params=pd.DataFrame(theta, columns=self.param_names), theta=theta, individual=beta,

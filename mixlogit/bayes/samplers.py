@@ -9,6 +9,22 @@ import torch
 from ..budget import chunk_size
 
 
+def thin(total: int, n: int | None = None) -> np.ndarray:
+    """Indices of about ``n`` of ``total`` draws, evenly spaced and in order (all of them when ``n`` is None or
+    at least ``total``): thinning keeps the first and last draw and never repeats one."""
+    if n is None or n >= total:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, max(1, n)).round().astype(int))
+
+
+def random_rows(total: int, n: int, seed: int, what: str = "stored posterior draws") -> np.ndarray:
+    """Sorted indices of ``n`` of ``total`` draws picked at random without replacement; the error names
+    ``what`` the draws are when there are fewer than ``n``."""
+    if n > total:
+        raise ValueError(f"n={n} exceeds the {total} {what}")
+    return np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
+
+
 class SVISampler:
     """Draws from a fitted variational guide (globals, then each unit's coefficients given the globals)."""
 
@@ -32,9 +48,17 @@ class SVISampler:
     def draw_theta(self, n: int, seed: int = 0) -> np.ndarray:
         return self.hm.theta(self.draw_globals(n, seed)).numpy()
 
-    def _units_chunk(self, n: int) -> int:
-        k = max(1, self.hm.K)
-        return chunk_size(n * k * k)
+    def _unit_coefficients(self, g, theta: torch.Tensor, seed: int):
+        """Chunk by chunk of units: (units, coefficients (n, B, K)), every unit's coefficients drawn given each
+        of the n global draws ``g`` (``theta`` (n, P): the same draws in the Spec layout)."""
+        n, N, K = theta.shape[0], self.hm.n_units, max(1, self.hm.K)
+        size = chunk_size(n * K * K)
+        with self._ctx(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed) + 1)
+            for s in range(0, N, size):
+                c = slice(s, min(s + size, N))
+                z = self.guide.sample_z(g, c)  # (n, B, K)
+                yield c, self.hm.spec.coefficients(theta, z)
 
     def chains(self, n: int, seed: int = 0, individual: bool = True):
         """theta (1, n, P) and individual coefficients (1, n, N, K) (or None)."""
@@ -43,13 +67,8 @@ class SVISampler:
         beta = None
         if individual and self.hm.K:
             beta = torch.empty(n, self.hm.n_units, self.hm.K, dtype=theta.dtype)
-            size = self._units_chunk(n)
-            with self._ctx(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed) + 1)
-                for s in range(0, self.hm.n_units, size):
-                    c = slice(s, min(s + size, self.hm.n_units))
-                    z = self.guide.sample_z(g, c)  # (n, B, K)
-                    beta[:, c] = self.hm.spec.coefficients(theta, z)
+            for c, b in self._unit_coefficients(g, theta, seed):
+                beta[:, c] = b
             beta = beta.numpy()[None]
         return theta.numpy()[None], beta
 
@@ -59,22 +78,16 @@ class SVISampler:
             return None, None
         g = self.draw_globals(n, seed)
         theta = self.hm.theta(g)
-        N, K = self.hm.n_units, self.hm.K
-        mean, sd = np.empty((N, K)), np.empty((N, K))
-        size = self._units_chunk(n)
-        with self._ctx(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed) + 1)
-            for s in range(0, N, size):
-                c = slice(s, min(s + size, N))
-                z = self.guide.sample_z(g, c)
-                b = self.hm.spec.coefficients(theta, z)  # (n, B, K)
-                mean[c] = b.mean(0).numpy()
-                sd[c] = b.std(0).numpy()
+        mean, sd = np.empty((self.hm.n_units, self.hm.K)), np.empty((self.hm.n_units, self.hm.K))
+        for c, b in self._unit_coefficients(g, theta, seed):
+            mean[c] = b.mean(0).numpy()
+            sd[c] = b.std(0).numpy()
         return mean, sd
 
 
 class NUTSSampler:
-    """Stored MCMC draws: theta (C, S, P) and z (C, S, N, K) (or None)."""
+    """Stored MCMC draws: theta (C, S, P) and z (C, S, N, K) (or None), so that every draw of the population
+    parameters comes with every unit's coefficients."""
 
     kind = "nuts"
 
@@ -88,11 +101,10 @@ class NUTSSampler:
         return self.hm.spec.coefficients(th, zz).reshape(*shape, *zz.shape[-2:])
 
     def chains(self, n: int | None = None, seed: int = 0, individual: bool = True):
+        """About ``n`` draws of every chain, thinned evenly: theta (C, S', P) and, with ``individual``, every
+        unit's coefficients (C, S', N, K) (or None)."""
         C, S = self.theta.shape[:2]
-        idx = np.arange(S)
-        if n is not None and n < C * S:
-            per = max(1, n // C)
-            idx = np.unique(np.linspace(0, S - 1, per).round().astype(int))
+        idx = thin(S, None if n is None else n // C)
         theta = self.theta[:, idx]
         beta = None
         if individual and self.z is not None:
@@ -100,8 +112,9 @@ class NUTSSampler:
         return theta.numpy(), beta
 
     def draw_theta(self, n: int, seed: int = 0) -> np.ndarray:
+        """``n`` draws (n, P) picked at random from all chains."""
         flat = self.theta.reshape(-1, self.theta.shape[-1]).numpy()
-        return _subsample_rows(flat, n, seed)
+        return flat[random_rows(len(flat), n, seed)]
 
     def individual_moments(self):
         if self.z is None:
@@ -119,7 +132,7 @@ class NUTSSampler:
 
 
 class StoredSampler:
-    """Population draws read back from a results file (no individual draws)."""
+    """Population draws (C, S, P) read back from a results file (no individual draws)."""
 
     kind = "stored"
 
@@ -127,18 +140,12 @@ class StoredSampler:
         self.draws = draws
 
     def chains(self, n: int | None = None, seed: int = 0, individual: bool = True):
+        """About ``n`` draws of every chain, thinned evenly (all of them when ``n`` is None): (C, S', P) and
+        None."""
         C, S = self.draws.shape[:2]
-        idx = np.arange(S)
-        if n is not None and n < C * S:
-            idx = np.unique(np.linspace(0, S - 1, max(1, n // C)).round().astype(int))
-        return self.draws[:, idx], None
+        return self.draws[:, thin(S, None if n is None else n // C)], None
 
     def draw_theta(self, n: int, seed: int = 0) -> np.ndarray:
-        return _subsample_rows(self.draws.reshape(-1, self.draws.shape[-1]), n, seed)
-
-
-def _subsample_rows(flat: np.ndarray, n: int, seed: int) -> np.ndarray:
-    if n > len(flat):
-        raise ValueError(f"n={n} exceeds the {len(flat)} stored posterior draws")
-    idx = np.sort(np.random.default_rng(seed).choice(len(flat), size=n, replace=False))
-    return flat[idx]
+        """``n`` draws (n, P) picked at random from all chains."""
+        flat = self.draws.reshape(-1, self.draws.shape[-1])
+        return flat[random_rows(len(flat), n, seed)]

@@ -54,8 +54,8 @@ class _SnapshotState:
         self.module.load_state_dict(self.state)
 
 
-def fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning_rate=0.01, seed=0, priors=None,
-            progress=False, init="msl", tol=1e-4, window=None, num_draws=4000, init_draws=200, init_units=2000,
+def fit_svi(model, data, *, steps=3000, guide="fullrank", subsample=None, learning_rate=0.01, seed=0, priors=None,
+            progress=False, init="msl", tol=1e-4, num_draws=4000, init_draws=200, init_units=2000, window=None,
             num_particles=1) -> BayesResults:
     """SVI of ``model`` on ``data``; the options are those of :func:`mixlogit.bayes.fit.fit`."""
     t0 = time.perf_counter()
@@ -159,13 +159,11 @@ def fit_svi(model, data, steps=3000, guide="fullrank", subsample=None, learning_
                 "learning_rate": learning_rate, "seed": int(seed), "init": init, "tol": tol, "window": window,
                 "num_draws": num_draws, "init_draws": init_draws, "init_units": init_units,
                 "num_particles": num_particles, "steps_run": len(trace)}
-    return BayesResults(
-        method="svi", model_args=model.to_dict(), spec=hm.spec, draws=draws[None], individual_mean=ind_mean,
-        individual_sd=ind_sd, unit_labels=list(data.unit_labels), elbo=np.asarray(trace), sample_stats={},
-        converged=converged, message=message, n_iter=len(trace), settings=settings, priors=describe(hm.priors),
-        fit_time=time.perf_counter() - t0, n_obs=data.n_situations, n_units=data.n_units, sampler=sampler,
-        data=data,
-    )
+    return BayesResults.from_fit(
+        method="svi", model=model, data=data, spec=hm.spec, sampler=sampler, draws=draws[None],
+        individual_mean=ind_mean, individual_sd=ind_sd, elbo=np.asarray(trace), sample_stats={}, converged=converged,
+        message=message, n_iter=len(trace), settings=settings, priors=describe(hm.priors),
+        fit_time=time.perf_counter() - t0)
 
 
 def _plateau(windows, trace, window, tol) -> bool:
