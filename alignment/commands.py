@@ -3,7 +3,8 @@
 A ``check_*`` function runs before anything is loaded and raises a ValueError that names the flag; a command
 function does the work and returns the exit status. Only ``train`` and ``demo`` need TRL, and they import it (via
 :mod:`alignment.config`, :mod:`alignment.trainer` and :mod:`alignment.experiments`) when they run, so ``mixdpo
-report`` works without TRL.
+report`` works without TRL. ``evaluate`` and ``report --data`` import it only for implicit-prompt pairs, which
+TRL's ``maybe_extract_prompt`` splits into prompt and completions before the margins are computed.
 """
 
 from __future__ import annotations
@@ -119,15 +120,31 @@ def _report_dir(a) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- subcommands
-def _load_data(path: str, flag: str = "--data", group_column: str | None = None):
-    """Preference pairs from ``path``; a missing ``--group-column`` is named by its flag."""
+def _load_data(path: str, flag: str = "--data", group_column: str | None = None, explicit_prompt: bool = False):
+    """Preference pairs from ``path``; a missing ``--group-column`` is named by its flag.
+
+    With ``explicit_prompt`` (for the commands that evaluate, which need a prompt per pair), implicit-prompt pairs
+    are split by TRL (:func:`alignment.experiments.with_explicit_prompt`); ``train`` leaves that to the trainer,
+    since TRL's ``DPOTrainer`` splits its datasets itself.
+    """
     data = load_preference_data(path)
     if group_column is not None and group_column not in data.column_names:
         raise ValueError(
             f"--group-column {group_column!r} is not a column of {flag} {path} (its columns: "
             f"{', '.join(data.column_names)})"
         )
-    return data
+    if not explicit_prompt:
+        return data
+    from .experiments import with_explicit_prompt
+
+    try:
+        return with_explicit_prompt(data)
+    except ImportError:  # only implicit-prompt pairs need TRL (mixdpo report works without it otherwise)
+        raise ValueError(
+            f"{flag} {path} holds implicit-prompt pairs (chosen and rejected only), and splitting them into prompt "
+            "and completions needs TRL (trl.data_utils.maybe_extract_prompt), which cannot be imported: install "
+            "trl, or give the pairs a 'prompt' field"
+        ) from None
 
 
 def train_command(a) -> int:
@@ -244,7 +261,7 @@ def evaluate_command(a) -> int:
     """``mixdpo evaluate``: preference accuracy and margins of a policy (or a run) against its reference."""
     from .evaluate import evaluate
 
-    data = _load_data(a.data, "--data", a.group_column)
+    data = _load_data(a.data, "--data", a.group_column, explicit_prompt=True)
     run = run_dir.read_run_record(a.model)
     model, tokenizer = load_causal_lm(a.model, adapter_base=run.get("model") if run.get("lora") else None)
     ref_path = a.ref_model or (None if run.get("lora") else run.get("ref_model"))
@@ -287,7 +304,7 @@ def report_command(a) -> int:
     info = run_dir.read_strength_config(a.run_dir)
     if info is None:
         raise SystemExit(f"{a.run_dir!r} is not a MixDPO run directory (no {run_dir.STRENGTH_CONFIG_NAME}).")
-    data = _load_data(a.data) if a.data else None
+    data = _load_data(a.data, explicit_prompt=True) if a.data else None
     idata = strength_to_arviz(a.run_dir, data)
     out = _report_dir(a)
     paths = plot_strength(idata, out, dpo_beta=info.get("beta"))

@@ -6,7 +6,10 @@ Accepted formats (TRL's preference formats):
 - conversational, explicit prompt: ``prompt``, ``chosen``, ``rejected`` are lists of ``{"role", "content"}``
   messages;
 - implicit prompt (standard or conversational): only ``chosen`` and ``rejected``, which share the prompt as a common
-  prefix (TRL extracts it).
+  prefix. TRL splits such pairs (``trl.data_utils.maybe_extract_prompt``): its ``DPOTrainer`` does so for the
+  trainer's datasets, and the TRL-side entry points (``mixdpo evaluate``, ``mixdpo report --data``, the experiment
+  harness) do so before evaluating. This module needs no TRL, so :func:`tokenize_pair` and the evaluation take
+  explicit prompts only (``validate_preference_dataset(..., require_prompt=True)`` says how to convert).
 
 Every check raises a ``ValueError`` that names the offending dataset, column or row and lists what is accepted.
 """
@@ -26,7 +29,6 @@ __all__ = [
     "TRUNCATION_MODES",
     "detect_format",
     "drop_empty_completions",
-    "extract_prompt",
     "load_preference_data",
     "tokenize_pair",
     "validate_preference_dataset",
@@ -40,6 +42,10 @@ ACCEPTED_FORMATS = (
     "or implicit prompt (chosen, rejected only, sharing the prompt as a common prefix)"
 )
 _REQUIRED = ("chosen", "rejected")
+_SPLIT_FIRST = (
+    "implicit-prompt pairs (chosen and rejected only) must be split into prompt and completions first, e.g. "
+    "dataset.map(trl.data_utils.maybe_extract_prompt)"
+)
 #: How a pair longer than ``max_length`` is cut (TRL's ``truncation_mode``): keep its first or its last tokens.
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -224,7 +230,11 @@ def detect_format(example: dict[str, Any]) -> str:
 
 
 def validate_preference_dataset(
-    dataset, group_column: str | None = None, name: str = "dataset", max_rows: int = 1000
+    dataset,
+    group_column: str | None = None,
+    name: str = "dataset",
+    max_rows: int = 1000,
+    require_prompt: bool = False,
 ) -> str:
     """Check that a dataset holds preference pairs in one of TRL's formats.
 
@@ -234,13 +244,16 @@ def validate_preference_dataset(
         name: how the dataset is named in error messages (e.g. ``"train_dataset"`` or a file path).
         max_rows: rows whose types are checked one by one (all of them when the dataset is smaller); the column
             names are always checked.
+        require_prompt: refuse implicit-prompt pairs (those that tokenizing with :func:`tokenize_pair` and the
+            evaluation cannot take: they must be split with TRL first).
 
     Returns:
         The format name of the first row (see :func:`detect_format`).
 
     Raises:
         ValueError: empty dataset, missing ``chosen``/``rejected`` (or prompt of the wrong type), rows of mixed
-            formats, a null value, or a missing ``group_column``; the message names the column and row.
+            formats, a null value, a missing ``group_column``, or (with ``require_prompt``) no ``prompt``; the
+            message names the column and row.
     """
     columns = getattr(dataset, "column_names", None)
     if columns is None:  # IterableDataset without resolved features, or a list of dicts
@@ -255,6 +268,8 @@ def validate_preference_dataset(
             f"{name} is missing the field(s) {missing} (its columns: {list(columns)}); accepted formats: "
             f"{ACCEPTED_FORMATS}."
         )
+    if require_prompt and "prompt" not in columns:
+        raise ValueError(f"{name} row 0 has no 'prompt' (its columns: {list(columns)}): {_SPLIT_FIRST}")
     if group_column is not None and group_column not in columns:
         raise ValueError(
             f"group_column={group_column!r} is not a column of {name} (its columns: {list(columns)}); pass the "
@@ -360,34 +375,25 @@ def _ids(tokenizer, text_or_messages, add_generation_prompt: bool = False) -> li
     return list(out["input_ids"])
 
 
-def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
-    """Split an implicit-prompt pair into ``prompt``, ``chosen`` and ``rejected``, by TRL's rule.
-
-    The prompt is the longest common prefix of ``chosen`` and ``rejected`` (characters of a string, messages of
-    a conversation), less a space that ends it. This is ``trl.data_utils.extract_prompt`` (the tests hold the two
-    equal), written out so that tokenizing for evaluation does not need TRL.
-    """
-    chosen, rejected = example["chosen"], example["rejected"]
-    idx = 0
-    for idx in range(min(len(chosen), len(rejected))):
-        if chosen[idx] != rejected[idx]:
-            if chosen[idx - 1] == " ":  # remove space before the prompt
-                idx -= 1
-            break
-    return {"prompt": chosen[:idx], "chosen": chosen[idx:], "rejected": rejected[idx:]}
-
-
 def tokenize_pair(example: dict[str, Any], tokenizer) -> tuple[list[int], list[int], list[int]]:
     """Token ids of a pair, split into prompt and completions the way TRL's DPOTrainer splits them.
 
     Standard pairs get the tokenizer's EOS appended to both completions; conversational pairs go through the chat
     template. The completion starts where the tokenized prompt and the tokenized prompt + completion diverge.
 
+    Args:
+        example: a pair with an explicit ``prompt`` (an implicit-prompt pair is split by TRL first, e.g. with
+            ``trl.data_utils.maybe_extract_prompt``).
+        tokenizer: the model's tokenizer.
+
     Returns:
         ``(prompt_ids, chosen_ids, rejected_ids)``.
+
+    Raises:
+        ValueError: the pair has no ``prompt``.
     """
     if "prompt" not in example:
-        example = {**example, **extract_prompt(example)}
+        raise ValueError(f"the pair has no 'prompt' (its fields: {sorted(example)}): {_SPLIT_FIRST}")
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
     if isinstance(chosen, str):
         eos = tokenizer.eos_token or ""

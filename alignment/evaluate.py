@@ -4,6 +4,10 @@ For each pair the DPO margin is ``h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi
 (summed completion log-probabilities, nats). Preference accuracy is the share of pairs with ``h > 0`` (a tie
 counts as a miss). Micro statistics weight every pair equally; macro statistics average the per-group values,
 so that a small group counts as much as a large one.
+
+The pairs need an explicit ``prompt``: implicit-prompt pairs (``chosen`` and ``rejected`` only) are refused with
+a ValueError that says how to split them with TRL (``dataset.map(trl.data_utils.maybe_extract_prompt)``), which
+the TRL-side entry points (``mixdpo evaluate``, the experiment harness) do before calling here.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def pair_logratios(
     Args:
         model: the policy (a causal LM, or a PEFT model whose disabled adapter is the reference).
         ref_model: the reference causal LM, or None for a PEFT ``model``.
-        dataset: preference pairs in a TRL format (see :mod:`alignment.data`).
+        dataset: preference pairs in a TRL format with an explicit ``prompt`` (see :mod:`alignment.data`).
         tokenizer: the tokenizer of both models.
         group_column: column holding the subgroup or annotator label, or None.
         batch_size, max_length, truncation_mode: as in :func:`sequence_logps`.
@@ -133,7 +137,7 @@ def pair_logratios(
         ``group_column``, ``group`` (str labels); plus ``n_dropped`` (int).
     """
     _check_batching(batch_size, max_length, truncation_mode)
-    validate_preference_dataset(dataset, group_column, "dataset")
+    validate_preference_dataset(dataset, group_column, "dataset", require_prompt=True)
     rows, prompts_chosen, prompts_rejected = [], [], []
     n_dropped = 0
     for i, example in enumerate(dataset):
@@ -246,7 +250,8 @@ def evaluate(
     Args:
         model: the aligned policy (causal LM; a PEFT model may take ``ref_model=None``).
         ref_model: the reference policy.
-        dataset: preference pairs in a TRL format.
+        dataset: preference pairs in a TRL format with an explicit ``prompt`` (implicit-prompt pairs are refused:
+            split them first with ``dataset.map(trl.data_utils.maybe_extract_prompt)``).
         tokenizer: tokenizer of both models.
         group_column: subgroup or annotator column for macro statistics, or None.
         batch_size: sequences per forward.

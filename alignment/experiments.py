@@ -4,8 +4,8 @@ Public, so that the benchmarks (``benchmarks/bench_pluralistic.py``, ``benchmark
 ``mixdpo demo`` command share one implementation: :func:`trainer_kwargs` (the trainer settings of a tiny CPU
 run), :func:`make_trainer` (TRL's own ``DPOTrainer`` for the DPO baseline, :class:`~alignment.trainer.MixDPOTrainer`
 otherwise), :func:`run_methods` (train and evaluate each method), :func:`prepare_tiny_task` (the synthetic
-pluralistic task and a tiny GPT-NeoX) and the SmolLM2 demo's settings and pairs. TRL and transformers are
-imported on use.
+pluralistic task and a tiny GPT-NeoX), :func:`with_explicit_prompt` (TRL's split of implicit-prompt pairs, before
+an evaluation) and the SmolLM2 demo's settings and pairs. TRL and transformers are imported on use.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
     "smollm2_pairs",
     "smollm2_setup",
     "trainer_kwargs",
+    "with_explicit_prompt",
 ]
 
 #: Methods of the synthetic comparison: (label, MixDPOConfig overrides).
@@ -37,6 +38,20 @@ DEFAULT_METHODS: list[tuple[str, dict[str, Any]]] = [
     ("MixDPO-LogNormal", {"strength": "lognormal"}),
     ("MixDPO-Gamma", {"strength": "gamma"}),
 ]
+
+
+def with_explicit_prompt(dataset):
+    """``dataset`` with an explicit ``prompt``, for :func:`alignment.evaluate.evaluate`, which takes no other.
+
+    Implicit-prompt pairs (``chosen`` and ``rejected`` only) are split by TRL's own
+    ``trl.data_utils.maybe_extract_prompt``, the rule ``DPOTrainer`` applies to its datasets, so that evaluation
+    sees the prompts training saw. A dataset with a ``prompt`` column is returned as it is, without importing TRL.
+    """
+    if "prompt" in (dataset.column_names or ()):
+        return dataset
+    from trl.data_utils import maybe_extract_prompt
+
+    return dataset.map(maybe_extract_prompt)
 
 
 def trainer_kwargs(
@@ -173,6 +188,7 @@ def run_methods(
     from .evaluate import evaluate
 
     methods = DEFAULT_METHODS if methods is None else methods
+    test = with_explicit_prompt(test)  # the trainers split their own data; evaluate needs explicit prompts
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out_root = output_dir or tmp

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import datasets
-import trl  # noqa: F401 (the data helpers target TRL's dataset formats)
+import trl.data_utils  # the data helpers target TRL's dataset formats
 
 from alignment import data, synthetic
 
@@ -138,10 +138,13 @@ def test_tokenize_pair_matches_trl_split():
     assert p == tok(ex["prompt"])["input_ids"]
     assert c == tok(ex["chosen"])["input_ids"] + [tok.eos_token_id]
     assert r == tok(ex["rejected"])["input_ids"] + [tok.eos_token_id]
-    # Implicit prompt: TRL takes the shared (character) prefix as the prompt; the sequences are unchanged.
-    p2, c2, r2 = data.tokenize_pair(
-        {"chosen": ex["prompt"] + ex["chosen"], "rejected": ex["prompt"] + ex["rejected"]}, tok
-    )
+    # Implicit prompt: refused with how to split it; TRL's split takes the shared (character) prefix as the
+    # prompt, and the sequences are unchanged.
+    implicit = {"chosen": ex["prompt"] + ex["chosen"], "rejected": ex["prompt"] + ex["rejected"]}
+    split_first = r"dataset\.map\(trl\.data_utils\.maybe_extract_prompt\)"
+    with pytest.raises(ValueError, match=f"the pair has no 'prompt' .*{split_first}"):
+        data.tokenize_pair(implicit, tok)
+    p2, c2, r2 = data.tokenize_pair(trl.data_utils.maybe_extract_prompt(implicit), tok)
     assert p2[: len(p)] == p
     assert (p2 + c2, p2 + r2) == (p + c, p + r)
 

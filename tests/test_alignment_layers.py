@@ -101,21 +101,55 @@ assert main(["report", {str(run)!r}]) == 0
     assert info["init"] == {"shape": 3.0, "rate": 30.0} and info["format_version"] == 1
 
 
-def test_extract_prompt_is_trls():
-    trl_data_utils = pytest.importorskip("trl.data_utils")
-    from alignment.data import extract_prompt
+def test_implicit_prompts_are_split_by_trl_before_evaluation(tmp_path, capsys):
+    """Below TRL an implicit-prompt pair is refused with how to split it; ``mixdpo evaluate`` splits it with TRL's
+    ``maybe_extract_prompt`` and gives what the same pairs written with their prompt give."""
+    pytest.importorskip("trl")
+    from datasets.utils.logging import disable_progress_bar
 
-    messages = [{"role": "user", "content": "Sky?"}]
-    examples = [
-        {"chosen": "Q: sky? It is blue.", "rejected": "Q: sky? It is green."},
-        {"chosen": "abc", "rejected": "abcd"},
-        {"chosen": "same", "rejected": "same"},
-        {"chosen": "x", "rejected": "y"},
-        {"chosen": [*messages, {"role": "assistant", "content": "Blue."}],
-         "rejected": [*messages, {"role": "assistant", "content": "Green."}]},
-    ]
-    for ex in examples:
-        assert extract_prompt(ex) == trl_data_utils.extract_prompt(ex), ex
+    from alignment import evaluate, synthetic
+    from alignment.cli import main
+    from alignment.experiments import with_explicit_prompt
+
+    disable_progress_bar()
+    ds = synthetic.pluralistic_task(24, groups=2, heterogeneity=1.0, seed=0)
+    # Pairs whose completions differ from their first word on, so that the shared prefix is the prompt.
+    explicit = ds.filter(lambda ex: ex["chosen"].split()[0] != ex["rejected"].split()[0])
+    explicit = explicit.select_columns(["prompt", "chosen", "rejected", "group"])
+    implicit = explicit.map(lambda ex: {"chosen": ex["prompt"] + ex["chosen"],
+                                        "rejected": ex["prompt"] + ex["rejected"]}, remove_columns=["prompt"])
+    assert len(explicit) >= 8 and implicit.column_names == ["chosen", "rejected", "group"]
+    tok = synthetic.build_tokenizer(synthetic.task_texts(ds))
+    policy, ref = (synthetic.tiny_gpt_neox(tok, hidden_size=16, num_layers=1, seed=s) for s in (0, 1))
+
+    # (a) the lower layer refuses it up front, naming the row and the conversion.
+    message = (r"^dataset row 0 has no 'prompt' \(its columns: \['chosen', 'rejected', 'group'\]\): implicit-prompt "
+               r"pairs \(chosen and rejected only\) must be split into prompt and completions first, e\.g\. "
+               r"dataset\.map\(trl\.data_utils\.maybe_extract_prompt\)$")
+    with pytest.raises(ValueError, match=message):
+        evaluate(policy, ref, implicit, tok)
+    # TRL's split gives back the pairs as written with their prompt; a dataset with a prompt is left as it is.
+    split = with_explicit_prompt(implicit)
+    assert {k: split[k] for k in explicit.column_names} == explicit.to_dict()
+    assert with_explicit_prompt(explicit) is explicit
+    margins = [evaluate(policy, ref, pairs, tok)["pairs"]["margin"].tolist() for pairs in (split, explicit)]
+    assert margins[0] == margins[1] and any(margins[0])
+
+    # (b) mixdpo evaluate on the implicit-prompt JSONL: the accuracy and margins of the explicit one.
+    for name, model in (("policy", policy), ("ref", ref)):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    results = {}
+    for label, pairs in (("explicit", explicit), ("implicit", implicit)):
+        data = tmp_path / f"{label}.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
+        out = tmp_path / f"{label}.json"
+        argv = ["evaluate", "--model", str(tmp_path / "policy"), "--ref-model", str(tmp_path / "ref"), "--data",
+                str(data), "--group-column", "group", "--json", str(out)]
+        assert main(argv) == 0, capsys.readouterr().err
+        results[label] = json.loads(out.read_text())
+    assert results["implicit"] == results["explicit"]
+    assert results["explicit"]["n_pairs"] == len(explicit) and results["explicit"]["margin_mean"] != 0.0
 
 
 def test_a_registered_family_is_accepted_by_the_config_and_the_trainer(tmp_path):
