@@ -12,8 +12,9 @@ from .data import ChoiceData, ChoiceDataError, wide_to_long
 from .diagnostics import heterogeneity, plot_heterogeneity, to_arviz
 from .distributions import DISTRIBUTION_NAMES
 from .draws import DRAW_TYPES
+from .loading import load
 from .model import MixedLogit
-from .results import MixedLogitResults, load
+from .results import MixedLogitResults
 from .simulate import simulate
 
 __version__ = "0.1.0"

@@ -10,8 +10,14 @@ import pandas as pd
 
 from .data import ChoiceData
 from .datasets import DATASETS, ELECTRICITY_COLUMNS, ELECTRICITY_E1
+from .diagnostics import write_report
 from .draws import DRAW_TYPES
+from .loading import load
 from .model import MixedLogit
+from .persistence import existing
+
+#: The files ``mixlogit fit`` writes into its ``--out`` folder.
+RESULT_FILES = ("results.json", "params.csv", "summary.txt")
 
 
 def _parse_random(text: str | None) -> dict[str, str]:
@@ -179,10 +185,11 @@ def _read_csv(path: Path) -> pd.DataFrame:
 def cmd_fit(args) -> int:
     _check_fit_args(args)
     out = Path(args.out)
-    targets = [out / n for n in ("results.json", "params.csv", "summary.txt")]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        raise SystemExit(f"{', '.join(existing)} exist; pass --overwrite to replace them or choose another --out")
+    targets = [out / n for n in RESULT_FILES]
+    present = existing(out, RESULT_FILES)
+    if present and not args.overwrite:
+        raise SystemExit(f"{', '.join(map(str, present))} exist; pass --overwrite to replace them or choose another "
+                         "--out")
     data, random, fixed = _load_data(args)
     correlated = False
     if args.correlated == "all":
@@ -212,14 +219,11 @@ def cmd_fit(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .diagnostics import write_report
-    from .results import load as load_any
-
     folder = Path(args.results_dir)
     path = folder / "results.json"
     if not path.exists():
         raise SystemExit(f"{path} does not exist; RESULTS_DIR must be a folder written by `mixlogit fit`")
-    res = load_any(path)
+    res = load(path)
     data = None if args.no_data else _reload_data(res.settings)
     report = write_report(res, Path(args.out) if args.out else folder, data=data, fmt=args.format,
                           overwrite=args.overwrite)

@@ -12,6 +12,9 @@ from .data import ChoiceData, ChoiceDataError, require_choice_data
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
 from .msl import MSLProblem, maximize, polish
+from .persistence import jsonable
+from .progress import progress_bar
+from .results import MixedLogitResults
 from .spec import Spec
 from .validation import check_int, check_positive, check_seed
 
@@ -92,10 +95,8 @@ class MixedLogit:
 
     def to_dict(self) -> dict:
         """The constructor's arguments as JSON values: ``MixedLogit(**m.to_dict())`` rebuilds the model."""
-        base = self.base_alt
-        if isinstance(base, (np.integer, np.floating, np.bool_)):
-            base = base.item()
-        return {"random": dict(self.random), "fixed": list(self.fixed), "asc": bool(self.asc), "base_alt": base,
+        return {"random": dict(self.random), "fixed": list(self.fixed), "asc": bool(self.asc),
+                "base_alt": jsonable(self.base_alt),
                 "correlated": list(self.correlated)}
 
     # ------------------------------------------------------------------ spec for a data set
@@ -191,8 +192,6 @@ class MixedLogit:
         -------
         :class:`mixlogit.results.MixedLogitResults` with exact-Hessian standard errors.
         """
-        from .results import MixedLogitResults
-
         t0 = time.perf_counter()
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else check_seed(seed)
         check_int("multistart", multistart, 0)
@@ -207,9 +206,10 @@ class MixedLogit:
             starts.append(x0 + rng.normal(scale=0.5 * np.maximum(np.abs(x0), 0.1)))
         best = None
         for i, s in enumerate(starts):
-            bar = _progress_bar(progress, f"MSL start {i + 1}/{len(starts)}" if len(starts) > 1 else "MSL")
-            opt = maximize(problem, s, maxiter=maxiter, gtol=gtol, callback=bar.update if bar else None)
-            if bar:
+            bar = progress_bar(progress, desc=f"MSL start {i + 1}/{len(starts)}" if len(starts) > 1 else "MSL")
+            opt = maximize(problem, s, maxiter=maxiter, gtol=gtol,
+                           callback=(lambda n_iter, xk, bar=bar: bar.update(1)) if bar is not None else None)
+            if bar is not None:
                 bar.close()
             if best is None or (np.isfinite(opt.loglik) and opt.loglik > best.loglik):
                 best = opt
@@ -257,23 +257,6 @@ class MixedLogit:
             bad = [names[i] for i in np.flatnonzero(~np.isfinite(x))]
             raise ValueError(f"start has non-finite values for {bad}")
         return x
-
-
-def _progress_bar(enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=desc, unit="it", leave=False)
-
-    class _Bar:
-        def update(self, n_iter, xk):
-            bar.update(1)
-
-        def close(self):
-            bar.close()
-
-    return _Bar()
 
 
 __all__ = ["ChoiceDataError", "MixedLogit"]

@@ -26,22 +26,26 @@ def _moment_rule():
     return z, torch.exp(rule.log_weights)
 
 
-def marginal_draws(spec: Spec, theta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quadrature nodes of the marginal distribution of random coefficient ``k``.
-
-    Returns (beta_nodes (M,), weights (M,)) such that ``E[g(beta_k)] ~= sum w g(beta)``. Correlated normal
-    coefficients have a normal marginal with sd ``sqrt((L L')_kk)``.
-    """
-    z, w = _moment_rule()
+def marginal_transform(spec: Spec, theta: torch.Tensor, k: int, z: torch.Tensor) -> torch.Tensor:
+    """Random coefficient ``k`` at standard normal points ``z`` (any shape): the transform of its marginal
+    distribution. theta: (P,). A correlated normal coefficient has a normal marginal with sd
+    ``sqrt((L L')_kk)``; every other family applies its own transform."""
     sl = spec.slices()
     loc = theta[sl["loc"]][k]
     if k in spec.corr_index:
         L = spec.cholesky(theta)
         i = spec.corr_index.index(k)
-        sd = torch.sqrt((L[i] ** 2).sum())
-        return loc + sd * z, w
-    spread = theta[sl["spread"]][k]
-    return spec.dists[k].transform(loc, spread, z), w
+        return loc + torch.sqrt((L[i] ** 2).sum()) * z
+    return spec.dists[k].transform(loc, theta[sl["spread"]][k], z)
+
+
+def marginal_draws(spec: Spec, theta: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quadrature nodes of the marginal distribution of random coefficient ``k``.
+
+    Returns (beta_nodes (M,), weights (M,)) such that ``E[g(beta_k)] ~= sum w g(beta)``.
+    """
+    z, w = _moment_rule()
+    return marginal_transform(spec, theta, k, z), w
 
 
 def coefficient_mean_sd(spec: Spec, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

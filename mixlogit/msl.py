@@ -16,13 +16,11 @@ import numpy as np
 import torch
 from scipy import optimize
 
+from .budget import MSL_CHUNK_ELEMENTS, chunk_size
 from .data import Design
 from .draws import IntegrationRule
 from .kernel import conditional_loglik, log_mixed_prob
 from .spec import Spec
-
-#: Elements of the largest per-chunk tensor (units x situations x alternatives x draws); ~4 MB in float64 (cache-friendly).
-CHUNK_ELEMENTS = 2**19
 
 
 @dataclass
@@ -32,16 +30,15 @@ class MSLProblem:
     spec: Spec
     design: Design
     rule: IntegrationRule
-    chunk_elements: int = CHUNK_ELEMENTS
+    #: Elements of the largest per-chunk tensor (units x situations x alternatives x draws).
+    chunk_elements: int = MSL_CHUNK_ELEMENTS
 
     def __post_init__(self):
         d = self.design
         per_unit = d.x_rand_diff.shape[1] * max(1, d.x_rand_diff.shape[2]) * self.rule.n_points
-        size = max(1, self.chunk_elements // max(1, per_unit))
+        size = chunk_size(per_unit, budget=self.chunk_elements)
         self.chunks = [slice(i, min(i + size, d.n_units)) for i in range(0, d.n_units, size)]
-        # Masking costs a pass over the largest tensor; skip it when every real alternative is available
-        # (padded situations are removed by the situation mask anyway).
-        self._needs_avail = not bool((d.avail_diff | ~d.situation_mask.unsqueeze(-1)).all())
+        self._needs_avail = d.has_unavailable
         self._needs_mask = not bool(d.situation_mask.all())  # balanced panels have no padded situations
 
     # ------------------------------------------------------------------ values

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 def write_json(path: str | os.PathLike, payload: dict, overwrite: bool = False, indent: int | None = None) -> Path:
     """Write ``payload`` to ``path`` through a temporary file, so an interrupted write leaves no half file.
@@ -31,15 +33,18 @@ def write_json(path: str | os.PathLike, payload: dict, overwrite: bool = False, 
     return path
 
 
+def existing(folder: str | os.PathLike, names) -> list[Path]:
+    """The paths ``folder/name`` among ``names`` that exist, in the order given."""
+    folder = Path(folder)
+    return [folder / n for n in names if (folder / n).exists()]
+
+
 def refuse_to_overwrite(folder: str | os.PathLike, names, overwrite: bool) -> None:
     """Raise FileExistsError naming every one of ``folder/names`` that exists, unless ``overwrite`` is True."""
-    if overwrite:
-        return
-    folder = Path(folder)
-    present = [str(n) for n in names if (folder / n).exists()]
+    present = [] if overwrite else existing(folder, names)
     if present:
-        raise FileExistsError(f"{folder} already holds {', '.join(present)}; pass overwrite=True (--overwrite on the "
-                              "command line) to replace them, or choose another folder")
+        raise FileExistsError(f"{folder} already holds {', '.join(p.name for p in present)}; pass overwrite=True "
+                              "(--overwrite on the command line) to replace them, or choose another folder")
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -56,3 +61,10 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(d, dict):
         raise ValueError(f"{path} is not a mixlogit results file (a JSON {type(d).__name__}, not an object)")  # noqa: TRY004 (bad file content)
     return d
+
+
+def jsonable(v):
+    """A numpy scalar as the Python number or bool JSON writes; anything else unchanged."""
+    if isinstance(v, (np.integer, np.floating, np.bool_)):
+        return v.item()
+    return v

@@ -4,25 +4,22 @@ and an exact save/load round trip."""
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
 
-from .data import ChoiceData, require_choice_data
+from .data import ChoiceData
+from .diagnostics import heterogeneity_delta, to_idata
 from .kernel import choice_probabilities, posterior_draw_weights
 from .moments import coefficient_mean_sd, delta_method
-from .persistence import read_json, write_json
+from .results_base import FitResults
 from .spec import Spec
 
+#: The format field of MSL results files.
 FORMAT = "mixlogit.results"
-FORMAT_VERSION = 1
-#: The format field of Bayesian results files (:mod:`mixlogit.bayes_results`), which :func:`load` also reads.
-BAYES_FORMAT = "mixlogit.bayes_results"
 
 
 def _safe_inverse(neg_hessian: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -37,7 +34,7 @@ def _safe_inverse(neg_hessian: np.ndarray) -> tuple[np.ndarray, bool]:
         return np.linalg.pinv(neg_hessian), True
 
 
-class MixedLogitResults:
+class MixedLogitResults(FitResults):
     """Results of a maximum simulated likelihood fit.
 
     Attributes (statsmodels names): ``params``, ``bse``, ``cov``, ``robust_bse``, ``robust_cov``, ``tvalues``,
@@ -46,21 +43,21 @@ class MixedLogitResults:
     optimum (signed), which prediction and the log-likelihood use.
     """
 
-    def __init__(self, *, model_args: dict, spec: Spec, theta, loglik, null_loglik, hessian, meat, n_obs, n_units,
+    FORMAT = FORMAT
+    DESCRIPTION = "mixlogit results file"
+    JSON_INDENT = 1
+
+    def __init__(self, *, model, spec: Spec, theta, loglik, null_loglik, hessian, meat, n_obs, n_units,
                  converged, n_iter, message, grad_norm, integration_error, settings, fit_time):
-        self.model_args = model_args
-        self.spec = spec
+        super().__init__(model=model, spec=spec, settings=settings, fit_time=fit_time, n_obs=n_obs,
+                         n_units=n_units)
         self.theta = np.asarray(theta, dtype=float)
-        self.param_names = spec.param_names
         self.loglik, self.null_loglik = float(loglik), float(null_loglik)
         self.hessian = np.asarray(hessian, dtype=float)
         self.meat = np.asarray(meat, dtype=float)
-        self.n_obs, self.n_units = int(n_obs), int(n_units)
         self.converged, self.n_iter, self.message = bool(converged), int(n_iter), str(message)
         self.grad_norm = float(grad_norm)
         self.integration_error = None if integration_error is None else float(integration_error)
-        self.settings = dict(settings)
-        self.fit_time = float(fit_time)
         cov, self.hessian_singular = _safe_inverse(-self.hessian)
         if self.hessian_singular:
             warnings.warn("the Hessian is singular or ill-conditioned at the optimum: standard errors are from a "
@@ -83,9 +80,7 @@ class MixedLogitResults:
     def from_fit(cls, *, model, spec, data: ChoiceData, theta, loglik, null_loglik, hessian, scores, weights,
                  converged, n_iter, message, grad_norm, integration_error, settings, fit_time):
         ws = scores * weights[:, None]
-        model_args = {"random": model.random, "fixed": model.fixed, "asc": model.asc,
-                      "base_alt": _jsonable(model.base_alt), "correlated": model.correlated}
-        return cls(model_args=model_args, spec=spec, theta=theta, loglik=loglik, null_loglik=null_loglik,
+        return cls(model=model, spec=spec, theta=theta, loglik=loglik, null_loglik=null_loglik,
                    hessian=hessian, meat=ws.T @ ws, n_obs=data.n_situations, n_units=data.n_units,
                    converged=converged, n_iter=n_iter, message=message, grad_norm=grad_norm,
                    integration_error=integration_error, settings=settings, fit_time=fit_time)
@@ -115,10 +110,6 @@ class MixedLogitResults:
         return pd.Series(2 * stats.norm.sf(np.abs(self.tvalues)), index=self.param_names, name="p")
 
     @property
-    def n_params(self) -> int:
-        return len(self.theta)
-
-    @property
     def aic(self) -> float:
         return 2 * self.n_params - 2 * self.loglik
 
@@ -126,21 +117,22 @@ class MixedLogitResults:
     def bic(self) -> float:
         return math.log(self.n_obs) * self.n_params - 2 * self.loglik
 
-    def conf_int(self, alpha: float = 0.05, robust: bool = False) -> pd.DataFrame:
-        """Wald intervals: DataFrame with columns ``lower``, ``upper``."""
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    def _interval(self, alpha: float, robust: bool = False):
+        """Wald intervals; ``robust=True`` uses the sandwich standard errors."""
         se = self.robust_bse if robust else self.bse
         q = stats.norm.ppf(1 - alpha / 2)
-        return pd.DataFrame({"lower": self.params - q * se, "upper": self.params + q * se})
+        return self.params - q * se, self.params + q * se
+
+    def conf_int(self, alpha: float = 0.05, robust: bool = False) -> pd.DataFrame:
+        """Wald intervals: DataFrame with columns ``lower``, ``upper`` (``robust=True``: sandwich SEs)."""
+        return super().conf_int(alpha, robust=robust)
 
     def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         ci = self.conf_int(alpha)
         return pd.DataFrame({"estimate": self.params, "std.err": self.bse, "z": self.tvalues, "p": self.pvalues,
                              "robust.se": self.robust_bse, "lower": ci["lower"], "upper": ci["upper"]})
 
-    def summary(self) -> str:
-        """A printable table of estimates and fit statistics."""
+    def _summary_head(self) -> list[str]:
         s = self.settings
         rule = "no random coefficients" if not self.spec.n_random else f"{s.get('draws')} {s.get('draw_type')} draws"
         head = [
@@ -156,9 +148,7 @@ class MixedLogitResults:
             head.append(f"estimated integration error of the log-likelihood: {self.integration_error:.2e}")
         if self.hessian_singular:
             head.append("WARNING: singular Hessian; standard errors unreliable")
-        table = self.summary_frame().to_string(float_format=lambda v: f"{v:.4f}")
-        rule_line = "-" * max(len(x) for x in table.splitlines())
-        return "\n".join(head + [rule_line, table, rule_line])
+        return head
 
     def __repr__(self):
         return f"<MixedLogitResults LL={self.loglik:.3f} params={self.n_params} converged={self.converged}>"
@@ -260,30 +250,44 @@ class MixedLogitResults:
         val, se = delta_method(fn, self.theta, self._raw_cov())
         return pd.DataFrame({"estimate": val, "std.err": se}, index=["mean", "sd"])
 
-    def to_arviz(self, data: ChoiceData | None = None, n: int = 1000, seed: int = 0, **kwargs):
-        """arviz.InferenceData with ``n`` draws from the asymptotic normal of the estimates (and, given ``data``,
-        per-unit log-likelihoods), so MSL and Bayesian fits are compared with the same ArviZ tools."""
-        from .diagnostics import msl_to_arviz
-
-        return msl_to_arviz(self, data, n=n, seed=seed, **kwargs)
-
     def _raw_cov(self) -> np.ndarray:
+        """Covariance of the raw (signed) parameter vector ``theta``."""
         f = self._flip
         return self.cov.to_numpy() * np.outer(f, f)
 
+    # ------------------------------------------------------------------ diagnostics contract
+    def parameter_draws(self, n: int = 1000, seed: int = 0) -> np.ndarray:
+        """n draws of the raw parameter vector from its asymptotic normal N(theta_hat, cov): (n, P)."""
+        cov = self._raw_cov()
+        return np.random.default_rng(seed).multivariate_normal(self.theta, 0.5 * (cov + cov.T), size=n,
+                                                               method="eigh")
+
+    def heterogeneity(self, level: float = 0.9, n: int = 2000) -> pd.DataFrame:
+        """The heterogeneity table at theta-hat with delta-method Wald intervals (``n`` is not used: no draws
+        are needed)."""
+        return heterogeneity_delta(self.spec, self.theta, self._raw_cov(), level)
+
+    def to_arviz(self, data: ChoiceData | None = None, n: int = 1000, seed: int = 0, draws: int = 100):
+        """ArviZ InferenceData of the fit: ``n`` draws of the parameters from their asymptotic normal
+        distribution (reported signs, so ``az.summary`` gives ``params`` and ``bse``), and with ``data``: the
+        marginal ``log_likelihood`` per unit at each draw (``draws`` Halton draws per unit),
+        ``posterior_predictive`` (fresh coefficients per draw: the choices of new persons like these) and
+        ``observed_data``."""
+        design = self.design_for(data) if data is not None else None
+        return to_idata(self.spec, self.parameter_draws(n, seed)[None], data=data, design=design,
+                        log_likelihood="marginal", draws=draws, seed=seed, signs=self._flip)
+
+    def individual_estimates(self, data: ChoiceData | None = None) -> pd.DataFrame | None:
+        """Revelt-Train conditional means on ``data``; None without data."""
+        return None if data is None else self.individual(data)
+
     # ------------------------------------------------------------------ data-level outputs
     def _problem(self, data: ChoiceData):
-        from .model import MixedLogit
-
-        require_choice_data(data)
-
-        model = MixedLogit(**self.model_args)
+        """The fitted model's simulated likelihood on ``data`` with the fit's integration settings."""
+        self.spec_for(data)  # the same parameter layout, or a named error
         s = self.settings
-        problem = model.make_problem(data, s.get("draws", 1000), s.get("draw_type", "halton"),
-                                     s.get("antithetic", False), s.get("seed", 0))
-        if problem.spec.param_names != self.param_names:
-            raise ValueError("data gives a different parameter layout (alternatives differ from the estimation data)")
-        return problem
+        return self.model.make_problem(data, s.get("draws", 1000), s.get("draw_type", "halton"),
+                                       s.get("antithetic", False), s.get("seed", 0))
 
     def _per_draw(self, data: ChoiceData):
         """Yield (chunk, beta (n or 1, R, Kr), fixed coefficients, problem) over unit chunks."""
@@ -306,7 +310,7 @@ class MixedLogitResults:
                                               fixed_utility=fixed, avail=d.avail[c])
             d = problem.design
             p = out[d.row_unit, d.row_t, d.row_j].numpy()
-        p = np.where(data._avail, p, 0.0)
+        p = np.where(data.row_available, p, 0.0)
         return pd.Series(p, index=data.df.index, name="prob")
 
     def individual(self, data: ChoiceData) -> pd.DataFrame:
@@ -380,63 +384,22 @@ class MixedLogitResults:
             labels = [str(a) for a in data.alternatives]
             return pd.DataFrame((cross_sum / cross_n.clamp_min(1)).numpy(), index=labels, columns=labels)
         e = own_out[d.row_unit, d.row_t, d.row_j].numpy()
-        return pd.Series(np.where(data._avail, e, np.nan), index=data.df.index, name=f"elasticity.{attribute}")
+        return pd.Series(np.where(data.row_available, e, np.nan), index=data.df.index, name=f"elasticity.{attribute}")
 
     # ------------------------------------------------------------------ persistence
-    def to_dict(self) -> dict:
+    def _fields(self) -> dict:
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "model": self.model_args, "spec": self.spec.to_dict(),
-            "param_names": self.param_names, "theta": self.theta.tolist(), "loglik": self.loglik,
+            "theta": self.theta.tolist(), "loglik": self.loglik,
             "null_loglik": self.null_loglik, "hessian": self.hessian.tolist(), "meat": self.meat.tolist(),
             "n_obs": self.n_obs, "n_units": self.n_units, "converged": self.converged, "n_iter": self.n_iter,
             "message": self.message, "grad_norm": self.grad_norm, "integration_error": self.integration_error,
             "settings": self.settings, "fit_time": self.fit_time,
         }
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the results as JSON (exact: floats are written with full precision). Refuses to replace an
-        existing file unless ``overwrite=True``."""
-        return write_json(path, self.to_dict(), overwrite=overwrite, indent=1)
-
     @classmethod
-    def from_dict(cls, d: dict) -> MixedLogitResults:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a mixlogit results file (format {d.get('format')!r})")
-        spec = Spec(**d["spec"])
-        return cls(model_args=d["model"], spec=spec, theta=d["theta"], loglik=d["loglik"],
+    def _from_fields(cls, d: dict, model, spec: Spec) -> MixedLogitResults:
+        return cls(model=model, spec=spec, theta=d["theta"], loglik=d["loglik"],
                    null_loglik=d["null_loglik"], hessian=d["hessian"], meat=d["meat"], n_obs=d["n_obs"],
                    n_units=d["n_units"], converged=d["converged"], n_iter=d["n_iter"], message=d["message"],
                    grad_norm=d["grad_norm"], integration_error=d["integration_error"], settings=d["settings"],
                    fit_time=d["fit_time"])
-
-
-def load(path: str | os.PathLike):
-    """Read results written by ``save``: :class:`MixedLogitResults` (MSL) or
-    :class:`~mixlogit.bayes_results.BayesResults` (SVI, NUTS), told apart by the file's format field."""
-    d = read_json(path)
-    fmt = d.get("format")
-    if fmt not in (FORMAT, BAYES_FORMAT):
-        raise ValueError(f"{path} is not a mixlogit results file (format {fmt!r}; expected {FORMAT!r} or "
-                         f"{BAYES_FORMAT!r})")
-    version = d.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {version!r}; this mixlogit reads version {FORMAT_VERSION} "
-                         "(upgrade mixlogit to read it)")
-    if fmt == BAYES_FORMAT:
-        from .bayes.results import BayesResults as cls
-    else:
-        cls = MixedLogitResults
-    try:
-        return cls.from_dict(d)
-    except KeyError as e:
-        raise ValueError(f"{path} is damaged: the field {e.args[0]!r} is missing") from None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path} is damaged: {e}") from None
-
-
-def _jsonable(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    return v

@@ -10,6 +10,7 @@ import torch
 
 from .data import ChoiceData
 from .model import MixedLogit
+from .spec import Spec
 
 
 @dataclass
@@ -74,7 +75,6 @@ def simulate(
     x = rng.normal(scale=attribute_sd, size=(n_sit, n_alts, len(cols)))
 
     # Coefficient draws through the same map the estimators use.
-    from .spec import Spec
 
     spec = Spec(random={c: d for c, (d, _, _) in random.items()}, fixed=[f"asc.{a}" for a in sorted(asc)]
                 + list(fixed), correlated=model.correlated)

@@ -119,7 +119,7 @@ def test_msl_heterogeneity_delta_method_reproduces_bse(msl_fit):
 
 def test_msl_to_arviz_matches_params_and_gives_finite_loo(msl_fit):
     res, data = msl_fit
-    idata = dg.msl_to_arviz(res, data=data, n=2000, seed=1, draws=50)
+    idata = dg.to_arviz(res, data=data, n=2000, seed=1, draws=50)
     for g in ("posterior", "log_likelihood", "posterior_predictive", "observed_data"):
         assert g in idata.groups()
     summ = az.summary(idata, var_names=res.param_names, kind="stats")
@@ -150,7 +150,7 @@ def test_predictive_choices_follow_the_model_probabilities(msl_fit):
     res, data = msl_fit
     spec = res.spec
     design = data.design(spec.random_names, spec.fixed)
-    sits = dg._situations(data, design)
+    sits = dg.situations(data, design)
     th = np.repeat(res.theta[None], 400, axis=0)
     rep = dg.predictive_choices(spec, design, sits, th, seed=0)
     freq = np.bincount(rep.ravel(), minlength=3) / rep.size

@@ -551,7 +551,7 @@ def _reflected(res, flip_index: list[int]) -> MixedLogitResults:
     d["theta"] = (np.asarray(d["theta"]) * D).tolist()
     d["hessian"] = (np.asarray(d["hessian"]) * np.outer(D, D)).tolist()
     d["meat"] = (np.asarray(d["meat"]) * np.outer(D, D)).tolist()
-    return MixedLogitResults.from_dict(d)
+    return MixedLogitResults.from_dict(d, res.model)
 
 
 def test_reported_params_invariant_to_independent_spread_sign(res1):

@@ -3,23 +3,22 @@ ArviZ export, individual-level estimates and a JSON save/load round trip."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pandas as pd
 
 from ..budget import MAX_INDIVIDUAL_ELEMENTS
-from ..persistence import write_json
+from ..data import ChoiceData
+from ..diagnostics import LOG_LIKELIHOODS, heterogeneity_from_draws, to_idata
+from ..persistence import jsonable
+from ..results_base import FitResults
 from ..spec import Spec
-from .samplers import StoredSampler, SVISampler, random_rows
+from .samplers import StoredSampler, SVISampler, random_rows, thin
 
 #: The format field of Bayesian results files (the name is the module's before it moved into the package; saved
 #: files keep it), which :func:`mixlogit.load` also reads.
 FORMAT = "mixlogit.bayes_results"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -39,7 +38,7 @@ class PosteriorDraws:
     units: list
 
 
-class BayesResults:
+class BayesResults(FitResults):
     """Posterior of a Bayesian mixed logit fit (``method="svi"`` or ``"nuts"``).
 
     Attributes: ``params`` (posterior means), ``bse`` (posterior sds), ``conf_int()`` (equal-tailed credible
@@ -48,15 +47,15 @@ class BayesResults:
     ``message``, ``priors`` (parameter -> prior), ``settings``, ``fit_time``.
     """
 
-    FORMAT: ClassVar[str] = FORMAT
+    FORMAT = FORMAT
+    DESCRIPTION = "mixlogit Bayesian results file"
 
-    def __init__(self, *, method, model_args, spec: Spec, draws, individual_mean, individual_sd, unit_labels, elbo,
+    def __init__(self, *, method, model, spec: Spec, draws, individual_mean, individual_sd, unit_labels, elbo,
                  sample_stats, converged, message, n_iter, settings, priors, fit_time, n_obs, n_units, sampler=None,
                  data=None):
+        super().__init__(model=model, spec=spec, settings=settings, fit_time=fit_time, n_obs=n_obs,
+                         n_units=n_units)
         self.method = method
-        self.model_args = dict(model_args)
-        self.spec = spec
-        self.param_names = spec.param_names
         self.draws = np.asarray(draws, dtype=float)
         if self.draws.ndim != 3 or self.draws.shape[-1] != len(self.param_names):
             raise ValueError(f"draws must have shape (chains, draws, {len(self.param_names)}), got {self.draws.shape}")
@@ -71,10 +70,10 @@ class BayesResults:
         self.elbo = None if elbo is None else np.asarray(elbo, dtype=float)
         self.sample_stats = {k: np.asarray(v) for k, v in (sample_stats or {}).items()}
         self.converged, self.message, self.n_iter = bool(converged), str(message), int(n_iter)
-        self.settings = dict(settings)
         self.priors = dict(priors)
-        self.fit_time = float(fit_time)
-        self.n_obs, self.n_units = int(n_obs), int(n_units)
+        # The sampler draws from the fitted posterior (individual draws included) while the fit is in memory;
+        # results read from a file keep their population draws only. ``_data`` is the estimation data, the
+        # default of :meth:`to_arviz`.
         self._sampler = sampler if sampler is not None else StoredSampler(self.draws)
         self._data = data
 
@@ -82,7 +81,7 @@ class BayesResults:
     def from_fit(cls, *, method, model, data, spec: Spec, sampler, **fields) -> BayesResults:
         """The results of a fit of ``model`` (a :class:`mixlogit.MixedLogit`) on ``data`` that has just run:
         the model, units and sampler as every estimator records them, the rest (``fields``) as given."""
-        return cls(method=method, model_args=model.to_dict(), spec=spec, unit_labels=list(data.unit_labels),
+        return cls(method=method, model=model, spec=spec, unit_labels=list(data.unit_labels),
                    n_obs=data.n_situations, n_units=data.n_units, sampler=sampler, data=data, **fields)
 
     # ------------------------------------------------------------------ tables
@@ -100,17 +99,14 @@ class BayesResults:
         flat = self.draws.reshape(-1, self.draws.shape[-1])
         return pd.Series(flat.std(0, ddof=1), index=self.param_names, name="bse")
 
-    @property
-    def n_params(self) -> int:
-        return len(self.param_names)
+    def _interval(self, alpha: float):
+        """Equal-tailed ``1 - alpha`` credible intervals."""
+        flat = self.draws.reshape(-1, self.draws.shape[-1])
+        return np.quantile(flat, [alpha / 2, 1 - alpha / 2], axis=0)
 
     def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
         """Equal-tailed ``1 - alpha`` credible intervals: DataFrame with columns ``lower``, ``upper``."""
-        if not 0 < alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-        flat = self.draws.reshape(-1, self.draws.shape[-1])
-        lo, hi = np.quantile(flat, [alpha / 2, 1 - alpha / 2], axis=0)
-        return pd.DataFrame({"lower": lo, "upper": hi}, index=self.param_names)
+        return super().conf_int(alpha)
 
     def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         """Posterior mean (``estimate``), sd (``std.err``), credible interval, and for several chains ``r_hat``
@@ -126,8 +122,7 @@ class BayesResults:
             out["ess_bulk"] = np.asarray(az.ess(ds, method="bulk")["x"])
         return out
 
-    def summary(self) -> str:
-        """A printable table of posterior summaries and fit diagnostics."""
+    def _summary_head(self) -> list[str]:
         s = self.settings
         if self.method == "svi":
             what = (f"SVI ({s.get('guide')} guide, {self.n_iter} steps"
@@ -145,9 +140,10 @@ class BayesResults:
                         f"{int(self.sample_stats['tree_depth'].max()) if self.sample_stats['tree_depth'].size else 0}")
         head.append(f"converged: {self.converged} ({self.message}; {self.fit_time:.1f} s)")
         head.append("priors: " + ", ".join(f"{k} ~ {v}" for k, v in self.priors.items()))
-        table = self.summary_frame().to_string(float_format=lambda v: f"{v:.4f}")
-        rule = "-" * max(len(x) for x in table.splitlines())
-        return "\n".join(head + [rule, table, rule, "intervals: 95% equal-tailed credible intervals"])
+        return head
+
+    def _summary_foot(self) -> list[str]:
+        return ["intervals: 95% equal-tailed credible intervals"]
 
     def __repr__(self):
         return (f"<BayesResults {self.method} params={self.n_params} draws={self.draws.shape[0] * self.draws.shape[1]} "
@@ -192,27 +188,75 @@ class BayesResults:
                              "estimates exist for the estimation units only")
         return self._individual.copy()
 
-    def to_arviz(self, data=None, n: int | None = None, log_likelihood: str = "marginal", draws: int = 100,
-                 seed: int = 0, individual: bool | None = None):
-        """ArviZ InferenceData; see :func:`mixlogit.diagnostics.bayes_to_arviz`."""
-        from ..diagnostics import bayes_to_arviz
+    # ------------------------------------------------------------------ diagnostics contract
+    def parameter_draws(self, n: int = 1000, seed: int = 0) -> np.ndarray:
+        """(about) ``n`` posterior draws of the parameters, evenly thinned over the chains in order: (n, P)."""
+        flat = self.draws.reshape(-1, self.draws.shape[-1])
+        return flat[thin(len(flat), n)]
 
-        return bayes_to_arviz(self, data=data, n=n, log_likelihood=log_likelihood, draws=draws, seed=seed,
-                              individual=individual)
+    def heterogeneity(self, level: float = 0.9, n: int = 2000) -> pd.DataFrame:
+        """The heterogeneity table: posterior means and equal-tailed credible intervals over (at most ``n``)
+        posterior draws."""
+        return heterogeneity_from_draws(self.spec, self.parameter_draws(n), level)
 
-    def heterogeneity(self, level: float = 0.9):
-        """See :func:`mixlogit.diagnostics.heterogeneity`."""
-        from ..diagnostics import heterogeneity
+    def individual_estimates(self, data: ChoiceData | None = None) -> pd.DataFrame | None:
+        """The posterior means and sds of the estimation units' coefficients, or None where they were not kept."""
+        try:
+            return self.individual()
+        except ValueError:
+            return None
 
-        return heterogeneity(self, level=level)
+    def to_arviz(self, data: ChoiceData | None = None, n: int | None = None, log_likelihood: str = "marginal",
+                 draws: int = 100, seed: int = 0, individual: bool | None = None):
+        """ArviZ InferenceData of the posterior.
+
+        Groups: ``posterior`` (population parameters named as in ``params``; with individual draws also ``beta``
+        with dims ``(chain, draw, person, coefficient)``, ``situation`` instead of ``person`` without a panel),
+        and with data (the estimation data by default, while the results are in memory): ``log_likelihood``
+        (variable ``choice``, one value per panel unit, or per choice situation without a panel),
+        ``posterior_predictive`` (replicated choices per situation, alternative codes), ``observed_data``, and
+        ``sample_stats`` (SVI: ``elbo`` per step; NUTS: ``diverging``, ``tree_depth``).
+
+        ``n``: posterior draws to export (SVI default 1000 in one chain; NUTS default all, thinned evenly per
+        chain otherwise). ``log_likelihood="marginal"`` integrates each unit's coefficients out with ``draws``
+        Halton draws (comparable with MSL, good Pareto-k behaviour in ``az.loo``); ``"conditional"`` uses the
+        individual draws (``log p(y_n | beta_n)``). ``individual=None`` exports the individual draws when they
+        number at most :data:`mixlogit.budget.MAX_INDIVIDUAL_ELEMENTS`.
+        """
+        import xarray as xr
+
+        if log_likelihood not in LOG_LIKELIHOODS:
+            raise ValueError(f"unknown log_likelihood {log_likelihood!r}; accepted: {', '.join(LOG_LIKELIHOODS)}")
+        data = data if data is not None else self._data
+        sampler = self._sampler
+        same_units = data is None or data is self._data or list(data.unit_labels) == list(self.unit_labels)
+        need_beta = (individual is not False) or log_likelihood == "conditional"
+        want = need_beta and same_units and not isinstance(sampler, StoredSampler) and self.spec.n_random > 0
+        if isinstance(sampler, SVISampler):
+            theta, beta = sampler.chains(1000 if n is None else n, seed=seed, individual=want)
+        else:
+            theta, beta = sampler.chains(n, seed=seed, individual=want)
+        if beta is not None and individual is None:
+            individual = beta.size <= MAX_INDIVIDUAL_ELEMENTS
+        C, S = theta.shape[:2]
+        stats = None
+        if self.elbo is not None:
+            stats = xr.Dataset({"elbo": (("svi_step",), self.elbo)},
+                               coords={"svi_step": np.arange(1, len(self.elbo) + 1)})
+        elif self.sample_stats:
+            ss = {k: (("chain", "draw"), v if v.shape[:2] == (C, S) else v[:, thin(v.shape[1], S)])
+                  for k, v in self.sample_stats.items()}
+            stats = xr.Dataset(ss, coords={"chain": np.arange(C), "draw": np.arange(S)})
+        return to_idata(self.spec, theta, beta=beta, individual=bool(individual), data=data,
+                        design=self.design_for(data) if data is not None else None, log_likelihood=log_likelihood,
+                        draws=draws, seed=seed, sample_stats=stats)
 
     # ------------------------------------------------------------------ persistence
-    def to_dict(self) -> dict:
+    def _fields(self) -> dict:
         ind = self._individual
         return {
-            "format": FORMAT, "version": FORMAT_VERSION, "method": self.method, "model": self.model_args,
-            "spec": self.spec.to_dict(), "param_names": self.param_names, "draws": self.draws.tolist(),
-            "unit_labels": [_jsonable(u) for u in self.unit_labels],
+            "method": self.method, "draws": self.draws.tolist(),
+            "unit_labels": [jsonable(u) for u in self.unit_labels],
             "individual_mean": None if ind is None else ind[self.spec.random_names].to_numpy().tolist(),
             "individual_sd": None if ind is None else ind[[f"sd.{n}" for n in self.spec.random_names]]
             .to_numpy().tolist(),
@@ -223,28 +267,10 @@ class BayesResults:
             "n_units": self.n_units,
         }
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the results as JSON (population draws, individual-level means and sds, ELBO trace, sample
-        statistics, settings). Refuses to replace an existing file unless ``overwrite=True``."""
-        return write_json(path, self.to_dict(), overwrite=overwrite)
-
     @classmethod
-    def from_dict(cls, d: dict) -> BayesResults:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a mixlogit Bayesian results file (format {d.get('format')!r})")
-        spec = Spec(**d["spec"])
-        return cls(method=d["method"], model_args=d["model"], spec=spec, draws=np.asarray(d["draws"]),
+    def _from_fields(cls, d: dict, model, spec: Spec) -> BayesResults:
+        return cls(method=d["method"], model=model, spec=spec, draws=np.asarray(d["draws"]),
                    individual_mean=d["individual_mean"], individual_sd=d["individual_sd"],
                    unit_labels=d["unit_labels"], elbo=d["elbo"], sample_stats=d["sample_stats"],
                    converged=d["converged"], message=d["message"], n_iter=d["n_iter"], settings=d["settings"],
                    priors=d["priors"], fit_time=d["fit_time"], n_obs=d["n_obs"], n_units=d["n_units"])
-
-
-def _jsonable(v):
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.floating):
-        return float(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v

@@ -123,7 +123,7 @@ def fit_svi(model, data, *, steps=3000, guide="fullrank", subsample=None, learni
                 opt.step()
                 trace.append(-value)
                 center_sum += g.globals.loc.detach()
-                if bar:
+                if bar is not None:
                     bar.update(1)
                 if step % window:
                     continue
@@ -131,7 +131,7 @@ def fit_svi(model, data, *, steps=3000, guide="fullrank", subsample=None, learni
                 windows.append(mean)
                 centers.append(center_sum / window)
                 center_sum = torch.zeros_like(center_sum)
-                if bar:
+                if bar is not None:
                     bar.set_postfix(elbo=f"{mean:.1f}")
                 if mean > best.elbo:
                     best.save(step, mean)
@@ -147,7 +147,7 @@ def fit_svi(model, data, *, steps=3000, guide="fullrank", subsample=None, learni
                     message = (f"converged after {step} steps (windowed ELBO: no improvement beyond {tol:g} "
                                f"relative or its noise; population parameters moved < {MAX_DRIFT} posterior sd)")
                     break
-            if bar:
+            if bar is not None:
                 bar.close()
             if not message:
                 message = f"ELBO still improving after {steps} steps"
