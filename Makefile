@@ -45,8 +45,10 @@ bench: install
 smollm2: install
 	bash scripts/fetch_smollm2.sh
 
+## Style (ruff) and the layer order of the imports (import-linter contracts in pyproject.toml).
 lint: install
 	$(BIN)/ruff check mixlogit alignment tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
