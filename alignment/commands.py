@@ -18,6 +18,7 @@ from mixlogit.tables import markdown_table
 from . import run_dir
 from .data import load_preference_data, validate_preference_dataset
 from .diagnostics import PLOT_FILES, plot_strength, strength_to_arviz
+from .evaluate import evaluate
 from .losses import OBJECTIVES
 from .models import load_causal_lm
 from .strength import STRENGTHS, build_strength, default_strength_init, parse_strength_init
@@ -120,6 +121,16 @@ def _report_dir(a) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- subcommands
+def _trl_side():
+    """:mod:`alignment.experiments`, the TRL side (``MixDPOConfig``, ``MixDPOTrainer``, the harness), imported
+    when a command first needs it. This is alignment's one deferred import, and it runs down the layers: TRL loads
+    only for training, the demo and implicit-prompt pairs, so ``mixdpo report`` and ``mixdpo evaluate`` on pairs
+    with a prompt run without it."""
+    from . import experiments
+
+    return experiments
+
+
 def _load_data(path: str, flag: str = "--data", group_column: str | None = None, explicit_prompt: bool = False):
     """Preference pairs from ``path``; a missing ``--group-column`` is named by its flag.
 
@@ -133,12 +144,10 @@ def _load_data(path: str, flag: str = "--data", group_column: str | None = None,
             f"--group-column {group_column!r} is not a column of {flag} {path} (its columns: "
             f"{', '.join(data.column_names)})"
         )
-    if not explicit_prompt:
+    if not explicit_prompt or "prompt" in data.column_names:
         return data
-    from .experiments import with_explicit_prompt
-
     try:
-        return with_explicit_prompt(data)
+        return _trl_side().with_explicit_prompt(data)
     except ImportError:  # only implicit-prompt pairs need TRL (mixdpo report works without it otherwise)
         raise ValueError(
             f"{flag} {path} holds implicit-prompt pairs (chosen and rejected only), and splitting them into prompt "
@@ -151,9 +160,7 @@ def train_command(a) -> int:
     """``mixdpo train``: train, evaluate, and save the model, the strength and the run records into ``--output``."""
     import torch
 
-    from .config import MixDPOConfig
-    from .trainer import MixDPOTrainer
-
+    trl_side = _trl_side()
     data = _load_data(a.data, "--data", a.group_column)
     if a.eval_data:
         train, test = data, _load_data(a.eval_data, "--eval-data", a.group_column)
@@ -182,7 +189,7 @@ def train_command(a) -> int:
         )
     elif not a.precompute_ref:
         ref_model, _ = load_causal_lm(a.ref_model or a.model)
-    cfg = MixDPOConfig(
+    cfg = trl_side.MixDPOConfig(
         output_dir=a.output,
         strength=a.strength,
         strength_init=a.strength_init,
@@ -211,7 +218,7 @@ def train_command(a) -> int:
         # bf16 autocast only where the hardware has it; on a CPU TRL's bf16 default is emulated and slow.
         bf16=bool(not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
     )
-    trainer = MixDPOTrainer(
+    trainer = trl_side.MixDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=cfg,
@@ -259,8 +266,6 @@ def train_command(a) -> int:
 
 def evaluate_command(a) -> int:
     """``mixdpo evaluate``: preference accuracy and margins of a policy (or a run) against its reference."""
-    from .evaluate import evaluate
-
     data = _load_data(a.data, "--data", a.group_column, explicit_prompt=True)
     run = run_dir.read_run_record(a.model)
     model, tokenizer = load_causal_lm(a.model, adapter_base=run.get("model") if run.get("lora") else None)
@@ -341,14 +346,13 @@ def demo_command(a) -> int:
     """``mixdpo demo``: DPO against MixDPO on the tiny synthetic task, or a few SmolLM2 LoRA steps."""
     import torch
 
-    from .experiments import demo_smollm2, demo_tiny
-
+    trl_side = _trl_side()
     # A tiny model gains nothing from intra-op threads, and spinning OpenMP threads are slow when the cores are
     # shared with other work.
     torch.set_num_threads(max(1, a.threads))
     if a.model == "smollm2":
-        demo_smollm2(a.output or os.path.join(os.getcwd(), "mixdpo-smollm2"), a.steps, a.seed)
+        trl_side.demo_smollm2(a.output or os.path.join(os.getcwd(), "mixdpo-smollm2"), a.steps, a.seed)
     else:
-        demo_tiny(a.pairs, a.heterogeneity, a.seed, a.steps, a.pretrain_steps)
+        trl_side.demo_tiny(a.pairs, a.heterogeneity, a.seed, a.steps, a.pretrain_steps)
     return 0
 

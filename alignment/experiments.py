@@ -5,22 +5,33 @@ Public, so that the benchmarks (``benchmarks/bench_pluralistic.py``, ``benchmark
 run), :func:`make_trainer` (TRL's own ``DPOTrainer`` for the DPO baseline, :class:`~alignment.trainer.MixDPOTrainer`
 otherwise), :func:`run_methods` (train and evaluate each method), :func:`prepare_tiny_task` (the synthetic
 pluralistic task and a tiny GPT-NeoX), :func:`with_explicit_prompt` (TRL's split of implicit-prompt pairs, before
-an evaluation) and the SmolLM2 demo's settings and pairs. TRL and transformers are imported on use.
+an evaluation) and the SmolLM2 demo's settings and pairs. This is the TRL side: it re-exports ``MixDPOConfig`` and
+``MixDPOTrainer``, so :mod:`alignment.commands` reaches all of TRL through one deferred import of this module.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import tempfile
 import time
 from typing import Any
 
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import maybe_extract_prompt
+
 from mixlogit.tables import markdown_table
 
+from . import synthetic
+from .config import MixDPOConfig
+from .evaluate import evaluate
 from .models import load_smollm2, smollm2_dir
+from .trainer import MixDPOTrainer
 
 __all__ = [
     "DEFAULT_METHODS",
+    "MixDPOConfig",
+    "MixDPOTrainer",
     "demo_smollm2",
     "demo_tiny",
     "make_trainer",
@@ -49,8 +60,6 @@ def with_explicit_prompt(dataset):
     """
     if "prompt" in (dataset.column_names or ()):
         return dataset
-    from trl.data_utils import maybe_extract_prompt
-
     return dataset.map(maybe_extract_prompt)
 
 
@@ -95,11 +104,6 @@ def make_trainer(base_model, tokenizer, train_dataset, trainer_kwargs: dict[str,
     ``overrides`` None or ``{"strength": "point"}`` gives TRL's own ``DPOTrainer`` (the baseline is TRL's, not
     ours); anything else a :class:`~alignment.trainer.MixDPOTrainer` with those ``MixDPOConfig`` fields.
     """
-    from trl import DPOConfig, DPOTrainer
-
-    from .config import MixDPOConfig
-    from .trainer import MixDPOTrainer
-
     policy, ref = copy.deepcopy(base_model), copy.deepcopy(base_model)
     common = {
         "model": policy,
@@ -120,8 +124,6 @@ def smollm2_setup(output_dir: str, steps: int, learning_rate: float = 1e-4, seed
         ``(MixDPOConfig, peft.LoraConfig)``.
     """
     from peft import LoraConfig
-
-    from .config import MixDPOConfig
 
     kw = {
         "output_dir": output_dir,
@@ -183,10 +185,6 @@ def run_methods(
         groups), ``margin`` (mean held-out margin h, nats), ``beta_mean``, ``cv`` (learned), ``train_s``
         (training wall time, s), ``s_per_step``.
     """
-    import tempfile
-
-    from .evaluate import evaluate
-
     methods = DEFAULT_METHODS if methods is None else methods
     test = with_explicit_prompt(test)  # the trainers split their own data; evaluate needs explicit prompts
     rows = []
@@ -238,8 +236,6 @@ def prepare_tiny_task(
     Returns:
         ``(train, test, tokenizer, model)``: ``test`` is 25% of the pairs, relabeled by the oracle.
     """
-    from . import synthetic
-
     ds = synthetic.pluralistic_task(n_pairs, groups, heterogeneity, seed)
     train, test = synthetic.train_test_split(ds, test_size=0.25, seed=seed)
     texts = synthetic.task_texts(train)
@@ -282,8 +278,6 @@ def demo_smollm2(output_dir: str, steps: int, seed: int):
     trainer."""
     import torch
     from transformers import TrainerCallback
-
-    from .trainer import MixDPOTrainer
 
     t0 = time.perf_counter()
     model, tok = load_smollm2()

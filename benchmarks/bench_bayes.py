@@ -58,7 +58,7 @@ def electricity(args):
     print(f"az.loo (marginal log-likelihood per person): elpd_loo {est.loc['elpd_loo', 'value']:.2f} "
           f"(se {est.loc['se', 'value']:.2f}), p_loo {est.loc['p_loo', 'value']:.2f}")
     print(kt.to_string())
-    msl_loo = az.loo(ml_to_arviz(msl, data))
+    msl_loo = az.loo(msl.to_arviz(data=data, n=1000))
     print(f"MSL (asymptotic normal draws) elpd_loo {float(msl_loo.elpd_loo):.2f}")
 
 
@@ -97,12 +97,6 @@ def _warm_up_torch_optim():
     opt = torch.optim.Adam([p])
     p.sum().backward()
     opt.step()
-
-
-def ml_to_arviz(res, data):
-    from mixlogit.diagnostics import msl_to_arviz
-
-    return msl_to_arviz(res, data=data, n=1000)
 
 
 def nuts(args):

@@ -247,6 +247,12 @@ class Guide(torch.nn.Module):
                 else:
                     self.local = StructuredLocalGuide(init.a, init.B, R, u0)
 
+    @staticmethod
+    def param_context():
+        """The Pyro settings under which the guide's parameters live (module-local, not in Pyro's global
+        param store): every use of the guide, fitting or drawing, runs inside this context."""
+        return pyro.settings.context(module_local_params=True)
+
     def set_initial_scales(self, se: torch.Tensor):
         """Initial sds of the global guide on the unconstrained scale (one value per coordinate)."""
         self.globals.scale = PyroParam(se.clone(), dist.constraints.softplus_positive)

@@ -35,9 +35,7 @@ class SVISampler:
         self.hm = guide.hm
 
     def _ctx(self):
-        import pyro
-
-        return pyro.settings.context(module_local_params=True)
+        return self.guide.param_context()
 
     def draw_globals(self, n: int, seed: int):
         """n draws of the natural globals."""

@@ -84,7 +84,7 @@ def fit_svi(model, data, *, steps=3000, guide="fullrank", subsample=None, learni
     window = check_int("window", window)
 
     hm = prepare(model, data, priors, subsample)
-    with pyro.settings.context(module_local_params=True), torch.random.fork_rng(devices=[]):
+    with Guide.param_context(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         start = initialize(model, data, hm, how=init, seed=int(seed), init_draws=init_draws, init_units=init_units)
         g = Guide(hm, guide, start)
