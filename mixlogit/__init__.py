@@ -8,7 +8,7 @@
 
 from . import datasets
 from .bayes.results import BayesResults
-from .data import ChoiceData, ChoiceDataError, wide_to_long
+from .data import ChoiceData, ChoiceDataError
 from .diagnostics import heterogeneity, plot_heterogeneity, to_arviz
 from .distributions import DISTRIBUTION_NAMES
 from .draws import DRAW_TYPES
@@ -16,6 +16,7 @@ from .loading import load
 from .model import MixedLogit
 from .results import MixedLogitResults
 from .simulate import simulate
+from .wide import wide_to_long
 
 __version__ = "0.1.0"
 

@@ -19,19 +19,22 @@ class ChoiceDataError(ValueError):
     """Raised for malformed choice data; the message names the column and row or situation."""
 
 
-def _py(v: object) -> object:
+def plain_value(v: object) -> object:
     """A numpy scalar as the plain Python value, so messages read ``101`` rather than ``np.int64(101)``."""
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _first_label(index: pd.Index, mask: np.ndarray) -> object:
-    return _py(index[np.flatnonzero(mask)[0]])
+def first_label(index: pd.Index, mask: np.ndarray) -> object:
+    """The index label of the first row where ``mask`` (rows,) is True, for messages."""
+    return plain_value(index[np.flatnonzero(mask)[0]])
 
 
 REQUIRED_ROLES = ("choice", "alt", "situation")
 
 
-def _require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
+def require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
+    """Each role's column (role -> column name, None when not given) must be one name that is in ``df``; the
+    roles in :data:`REQUIRED_ROLES` must be given. Errors name the role and the columns there are."""
     for role, col in columns.items():
         if col is None and role in REQUIRED_ROLES:
             raise ChoiceDataError(f"{role}= is required: the name of the {role} column")
@@ -58,20 +61,20 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
         missing = s.isna().to_numpy()
         bad = pd.to_numeric(s, errors="coerce").isna().to_numpy() & ~missing
         if not bad.any() and missing.any():  # numbers with gaps (an object column holding None)
-            row = _first_label(df.index, missing)
+            row = first_label(df.index, missing)
             raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r} ({int(missing.sum())} such "
                                   "rows); fill or drop them first")
-        row = _first_label(df.index, bad) if bad.any() else df.index[0]
+        row = first_label(df.index, bad) if bad.any() else df.index[0]
         raise ChoiceDataError(
-            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {_py(s.loc[row])!r}. "
+            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {plain_value(s.loc[row])!r}. "
             "Encode categories as numeric dummies."
         )
     v = s.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(v)
     if bad.any():
-        row = _first_label(df.index, bad)
+        row = first_label(df.index, bad)
         raise ChoiceDataError(
-            f"{role} column {col!r} has a non-finite value ({_py(v[bad][0])}) in row {row!r} "
+            f"{role} column {col!r} has a non-finite value ({plain_value(v[bad][0])}) in row {row!r} "
             f"({int(bad.sum())} such rows); fill or drop them first"
         )
     return v
@@ -82,17 +85,17 @@ def _binary_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     if s.dtype == object or pd.api.types.is_string_dtype(s):
         mapped = s.astype(str).str.upper().map({"TRUE": 1.0, "FALSE": 0.0, "1": 1.0, "0": 0.0})
         if mapped.isna().any():
-            row = _first_label(df.index, mapped.isna().to_numpy())
+            row = first_label(df.index, mapped.isna().to_numpy())
             raise ChoiceDataError(
-                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {_py(s.loc[row])!r}"
+                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {plain_value(s.loc[row])!r}"
             )
         v = mapped.to_numpy(dtype=np.float64)
     else:
         v = _numeric_column(df, col, role)
     bad = (v != 0) & (v != 1)
     if bad.any():
-        row = _first_label(df.index, bad)
-        raise ChoiceDataError(f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {_py(v[bad][0])}")
+        row = first_label(df.index, bad)
+        raise ChoiceDataError(f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {plain_value(v[bad][0])}")
     return v.astype(bool)
 
 
@@ -201,11 +204,11 @@ class ChoiceData:
             raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
         if len(df) == 0:
             raise ChoiceDataError("the table has no rows")
-        _require_columns(df, {"choice": choice, "alt": alt, "situation": situation, "panel": panel,
+        require_columns(df, {"choice": choice, "alt": alt, "situation": situation, "panel": panel,
                               "avail": avail, "weights": weights})
         for role, col in {"alt": alt, "situation": situation, "panel": panel}.items():
             if col is not None and df[col].isna().any():
-                row = _first_label(df.index, df[col].isna().to_numpy())
+                row = first_label(df.index, df[col].isna().to_numpy())
                 raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r}")
         chosen = _binary_column(df, choice, "choice")
         av = _binary_column(df, avail, "avail") if avail is not None else np.ones(len(df), bool)
@@ -213,9 +216,9 @@ class ChoiceData:
         sit_codes, sit_labels = pd.factorize(df[situation], sort=False)
         dup = pd.DataFrame({"s": sit_codes, "a": df[alt].to_numpy()}).duplicated().to_numpy()
         if dup.any():
-            row = _first_label(df.index, dup)
+            row = first_label(df.index, dup)
             raise ChoiceDataError(
-                f"alternative {_py(df[alt].loc[row])!r} appears twice in situation {_py(df[situation].loc[row])!r} "
+                f"alternative {plain_value(df[alt].loc[row])!r} appears twice in situation {plain_value(df[situation].loc[row])!r} "
                 f"(row {row!r}); column {alt!r} must be unique within column {situation!r}"
             )
         n_chosen = np.bincount(sit_codes, weights=chosen.astype(float), minlength=len(sit_labels))
@@ -223,12 +226,12 @@ class ChoiceData:
         if bad.any():
             s = np.flatnonzero(bad)[0]
             raise ChoiceDataError(
-                f"situation {_py(sit_labels[s])!r} (column {situation!r}) has {int(n_chosen[s])} chosen alternatives "
+                f"situation {plain_value(sit_labels[s])!r} (column {situation!r}) has {int(n_chosen[s])} chosen alternatives "
                 f"in column {choice!r}; exactly one is required ({int(bad.sum())} situations affected)"
             )
         unavailable_choice = chosen & ~av
         if unavailable_choice.any():
-            row = _first_label(df.index, unavailable_choice)
+            row = first_label(df.index, unavailable_choice)
             raise ChoiceDataError(
                 f"row {row!r} is chosen (column {choice!r}) but unavailable (column {avail!r})"
             )
@@ -238,8 +241,8 @@ class ChoiceData:
                 s = int(per_sit.index[(per_sit > 1).to_numpy()][0])
                 rows = np.flatnonzero(sit_codes == s)
                 raise ChoiceDataError(
-                    f"panel id (column {panel!r}) changes within situation {_py(sit_labels[s])!r} "
-                    f"(rows {_py(df.index[rows[0]])!r}..{_py(df.index[rows[-1]])!r}); a situation belongs to one person"
+                    f"panel id (column {panel!r}) changes within situation {plain_value(sit_labels[s])!r} "
+                    f"(rows {plain_value(df.index[rows[0]])!r}..{plain_value(df.index[rows[-1]])!r}); a situation belongs to one person"
                 )
             unit_codes, unit_labels = pd.factorize(df[panel], sort=False)
         else:
@@ -247,14 +250,14 @@ class ChoiceData:
         if weights is not None:
             w = _numeric_column(df, weights, "weights")
             if (w <= 0).any():
-                row = _first_label(df.index, w <= 0)
-                raise ChoiceDataError(f"weights column {weights!r} must be positive; row {row!r} holds {_py(w[w <= 0][0])}")
+                row = first_label(df.index, w <= 0)
+                raise ChoiceDataError(f"weights column {weights!r} must be positive; row {row!r} holds {plain_value(w[w <= 0][0])}")
             spread = pd.Series(w).groupby(unit_codes).agg(lambda x: x.max() - x.min())
             if (spread > 0).any():
                 u = int(spread.index[(spread > 0).to_numpy()][0])
                 unit_name = "panel unit" if panel is not None else "situation"
                 raise ChoiceDataError(
-                    f"weights column {weights!r} varies within {unit_name} {_py(unit_labels[u])!r}; "
+                    f"weights column {weights!r} varies within {unit_name} {plain_value(unit_labels[u])!r}; "
                     f"weights must be constant within each {unit_name}"
                 )
             unit_w = pd.Series(w).groupby(unit_codes).first().sort_index().to_numpy()
@@ -272,10 +275,10 @@ class ChoiceData:
         for a in alternatives:
             other = as_text.setdefault(str(a), a)
             if other is not a:
-                raise ChoiceDataError(f"column {alt!r} holds the alternative labels {_py(other)!r} and {_py(a)!r}, "
+                raise ChoiceDataError(f"column {alt!r} holds the alternative labels {plain_value(other)!r} and {plain_value(a)!r}, "
                                       "which differ only in type; use one type for the labels")
-        arrays = (chosen, av, alt_codes, unit_codes, t_codes, unit_w, [_py(a) for a in alternatives],
-                  [_py(u) for u in unit_labels])
+        arrays = (chosen, av, alt_codes, unit_codes, t_codes, unit_w, [plain_value(a) for a in alternatives],
+                  [plain_value(u) for u in unit_labels])
         return cls(df, choice, alt, situation, panel, avail, weights, arrays)
 
     # ------------------------------------------------------------------ facts
@@ -380,70 +383,3 @@ class ChoiceData:
             weights=torch.tensor(self._unit_weights, dtype=dtype),  # a copy: the array may be read-only
             row_unit=torch.as_tensor(u), row_t=torch.as_tensor(tt), row_j=torch.as_tensor(jj),
         )
-
-
-def wide_to_long(
-    df: pd.DataFrame,
-    alternatives: list,
-    varying: dict[str, dict[object, str]] | dict[str, str],
-    choice: str,
-    situation: str | None = None,
-    avail: dict[object, str] | None = None,
-    keep: list[str] | None = None,
-) -> pd.DataFrame:
-    """Turn a wide table (one row per situation) into the long format ``from_long`` reads.
-
-    Parameters
-    ----------
-    alternatives : the alternative labels.
-    varying : attribute name -> either ``{alt: column}`` or a pattern with ``{alt}``, e.g. ``"time_{alt}"``.
-    choice : column holding the chosen alternative's label.
-    situation : id column, or None to number situations from 0.
-    avail : ``{alt: column}`` of 0/1 availability, or None.
-    keep : further columns copied to every row of the situation (e.g. a panel id, weights).
-
-    Returns a DataFrame with columns ``situation``, ``alt``, ``choice``, the attributes, ``avail`` (if given)
-    and ``keep``; rows ordered by situation then alternative.
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
-    keep = list(keep or [])
-    sit = df[situation].to_numpy() if situation is not None else np.arange(len(df))
-    _require_columns(df, {"choice": choice, **{f"keep[{i}]": k for i, k in enumerate(keep)}})
-    def is_alt(a) -> np.ndarray:
-        # Numeric codes compare as numbers (1.0 == 1 after read_csv), anything else by its text.
-        col = df[choice]
-        if pd.api.types.is_numeric_dtype(col) and isinstance(a, (int, float, np.number)):
-            return (col.to_numpy() == a)
-        return (col.astype(str) == str(a)).to_numpy()
-
-    bad = ~np.logical_or.reduce([is_alt(a) for a in alternatives])
-    if bad.any():
-        row = _first_label(df.index, bad)
-        raise ChoiceDataError(
-            f"choice column {choice!r} holds {_py(df[choice].loc[row])!r} in row {row!r}, which is not one of the "
-            f"alternatives {alternatives!r}"
-        )
-    parts = []
-    for a in alternatives:
-        part = {"situation" if situation is None else situation: sit, "alt": a,
-                "choice": is_alt(a).astype(int)}
-        for name, spec in varying.items():
-            col = spec.format(alt=a) if isinstance(spec, str) else spec.get(a)
-            if col is None:
-                part[name] = 0.0  # attribute absent for this alternative
-                continue
-            if col not in df.columns:
-                raise ChoiceDataError(f"column {col!r} (attribute {name!r}, alternative {a!r}) is not in the table")
-            part[name] = df[col].to_numpy()
-        if avail is not None:
-            if a not in avail or avail[a] not in df.columns:
-                raise ChoiceDataError(f"avail has no existing column for alternative {a!r}")
-            part["avail"] = df[avail[a]].to_numpy()
-        for k in keep:
-            part[k] = df[k].to_numpy()
-        parts.append(pd.DataFrame(part))
-    out = pd.concat(parts, ignore_index=True)
-    # parts are alternative-major; reorder to situation-major (row a*len(df)+i -> i*n_alt+a).
-    order = np.arange(len(out)).reshape(len(alternatives), len(df)).T.ravel()
-    return out.iloc[order].reset_index(drop=True)
