@@ -98,3 +98,10 @@ def check_choice(name: str, value, choices):
         listing = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
         raise ValueError(f"{name} must be {listing}, got {value!r}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """True or False only (numpy's bool too): a truthy string such as "no" is refused, never taken as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
