@@ -15,6 +15,9 @@ MSL_CHUNK_ELEMENTS = CHUNK_ELEMENTS // 8
 #: Largest number of elements of individual-level draws (draws x units x coefficients) returned or exported
 #: without being asked for explicitly.
 MAX_INDIVIDUAL_ELEMENTS = 20_000_000
+#: Largest integration rule (points of every unit, float64) that is built: larger ``draws=`` are refused
+#: before any memory is taken (4 GiB).
+MAX_RULE_BYTES = 2**32
 
 
 def chunk_size(per_item: int, total: int | None = None, budget: int = CHUNK_ELEMENTS) -> int:

@@ -63,6 +63,9 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
         if not bad.any() and missing.any():  # numbers with gaps (an object column holding None)
             row = first_label(df.index, missing)
             raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r} ({int(missing.sum())} such "
+    if pd.api.types.is_complex_dtype(s) or (s.dtype == object and s.map(lambda v: isinstance(v, complex)).any()):
+        raise ChoiceDataError(f"{role} column {col!r} holds complex numbers (dtype {s.dtype}); attributes must be "
+                              "real: take the real part or the modulus first")
                                   "rows); fill or drop them first")
         row = first_label(df.index, bad) if bad.any() else df.index[0]
         raise ChoiceDataError(
@@ -105,6 +108,21 @@ class Design:
 
     ``N`` units (persons, or situations without a panel), ``T`` max situations per unit, ``J`` alternatives,
     ``A = J - 1`` non-chosen alternatives, ``Kr``/``Kf`` random/fixed columns.
+def factorize_sorted(values) -> tuple[np.ndarray, pd.Index]:
+    """Codes and labels of ``values`` with the labels in sorted order, whatever the order of the rows: natural
+    order where the labels compare, else by (type name, text). Unit and situation codes come from here, so
+    each unit's draws follow its label, never its position in the table."""
+    codes, labels = pd.factorize(values, sort=False)
+    plain = [plain_value(v) for v in labels]
+    try:
+        order = sorted(range(len(plain)), key=lambda i: plain[i])
+    except TypeError:  # labels of several types
+        order = sorted(range(len(plain)), key=lambda i: (type(plain[i]).__name__, str(plain[i])))
+    rank = np.empty(len(plain), dtype=np.int64)
+    rank[np.asarray(order, dtype=np.int64)] = np.arange(len(plain))
+    return rank[codes], labels.take(order)
+
+
 
     x_rand, x_fixed : (N, T, J, Kr), (N, T, J, Kf) attribute levels (zeros for padding).
     avail : (N, T, J) bool availability (False for padding).
@@ -213,7 +231,7 @@ class ChoiceData:
         chosen = _binary_column(df, choice, "choice")
         av = _binary_column(df, avail, "avail") if avail is not None else np.ones(len(df), bool)
 
-        sit_codes, sit_labels = pd.factorize(df[situation], sort=False)
+        sit_codes, sit_labels = factorize_sorted(df[situation])
         dup = pd.DataFrame({"s": sit_codes, "a": df[alt].to_numpy()}).duplicated().to_numpy()
         if dup.any():
             row = first_label(df.index, dup)
@@ -244,7 +262,7 @@ class ChoiceData:
                     f"panel id (column {panel!r}) changes within situation {plain_value(sit_labels[s])!r} "
                     f"(rows {plain_value(df.index[rows[0]])!r}..{plain_value(df.index[rows[-1]])!r}); a situation belongs to one person"
                 )
-            unit_codes, unit_labels = pd.factorize(df[panel], sort=False)
+            unit_codes, unit_labels = factorize_sorted(df[panel])
         else:
             unit_codes, unit_labels = sit_codes, sit_labels
         if weights is not None:
@@ -264,7 +282,7 @@ class ChoiceData:
         else:
             unit_w = np.ones(len(unit_labels))
 
-        # Position of each situation within its unit, in order of first appearance.
+        # Position of each situation within its unit, in sorted order of the situation labels.
         sit_unit = np.zeros(len(sit_labels), dtype=np.int64)
         sit_unit[sit_codes] = unit_codes
         sit_t = pd.Series(np.arange(len(sit_labels))).groupby(sit_unit).cumcount().to_numpy()

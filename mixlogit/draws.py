@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from scipy.stats import qmc
 
+from .budget import MAX_RULE_BYTES
 from .distributions import std_normal_icdf
+from .validation import check_bool
 
 #: Names accepted by ``draw_type``.
 DRAW_TYPES = ("halton", "halton-plain", "sobol", "mlhs", "pseudo", "gauss-hermite", "quadrature")
@@ -42,14 +44,18 @@ class IntegrationRule:
     kind : str
         The ``draw_type`` that made it.
     coarse : IntegrationRule or None
-        For deterministic rules, the same rule with about half the nodes per dimension; the difference of the
-        two log-likelihoods estimates the integration error of the coarse one and bounds that of this one.
+        For deterministic rules, the same rule with about half the nodes per dimension (always strictly fewer);
+        the difference of the two log-likelihoods estimates the integration error of the coarse one and bounds
+        that of this one. None for simulation rules, or with ``coarse_reason`` saying why there is none.
+    coarse_reason : str or None
+        Why a deterministic rule has no coarse companion (so no error estimate), else None.
     """
 
     z: torch.Tensor
     log_weights: torch.Tensor
     kind: str
     coarse: IntegrationRule | None = None
+    coarse_reason: str | None = None
 
     @property
     def n_points(self) -> int:
@@ -119,9 +125,16 @@ def _mlhs(n_units, n_draws, dim, rng):
 
 
 def _gauss_legendre_composite_1d(n_nodes: int, half_width: float) -> tuple[np.ndarray, np.ndarray]:
-    """Composite Gauss-Legendre rule for E[g(Z)], Z ~ N(0,1), truncated to [-half_width, half_width]."""
+    """Composite Gauss-Legendre rule for E[g(Z)], Z ~ N(0,1), truncated to [-half_width, half_width].
+
+    Panels of :data:`QUADRATURE_PANEL_ORDER` nodes (``round(n_nodes / order)`` of them) from ``2 * order``
+    nodes on; below that one panel of exactly ``n_nodes`` nodes, so a small rule has the nodes it was asked for.
+    """
     order = QUADRATURE_PANEL_ORDER
-    panels = max(2, round(n_nodes / order))
+    if n_nodes < 2 * order:
+        order, panels = n_nodes, 1
+    else:
+        panels = round(n_nodes / order)
     x, w = np.polynomial.legendre.leggauss(order)
     edges = np.linspace(-half_width, half_width, panels + 1)
     half = 0.5 * (edges[1:] - edges[:-1])
@@ -145,14 +158,17 @@ def _tensor_product(nodes: np.ndarray, weights: np.ndarray, dim: int) -> tuple[n
     return pts, w
 
 
-def deterministic_rule(kind: str, n_points: int, dim: int, dtype=torch.float64, _with_coarse=True):
+def deterministic_rule(kind: str, n_points: int, dim: int, dtype=torch.float64, _with_coarse=True,
+                       name: str = "draws"):
     """A shared-node rule with about ``n_points`` nodes in total (``n_points**(1/dim)`` per dimension).
 
     ``kind="gauss-hermite"``: plain Gauss-Hermite. Cheap, but slow to converge when the integrand is nearly a
     step in the coefficient (large attribute values, long panels).
     ``kind="quadrature"``: composite Gauss-Legendre with panels of :data:`QUADRATURE_PANEL_ORDER` nodes on
     ``[-8.5, 8.5]`` per dimension; robust for steep integrands. Either carries a ``coarse`` companion rule with
-    about half the nodes per dimension for the error estimate.
+    about half the nodes per dimension (strictly fewer nodes than this rule) for the error estimate; where no
+    coarser rule exists, ``coarse`` is None and ``coarse_reason`` says so. ``n_points`` is the number of nodes
+    actually used. ``name`` is the argument that gave ``n_points``, for the error when the rule is too large.
     """
     if kind not in DETERMINISTIC:
         raise ValueError(f"draw_type {kind!r} is not a deterministic rule; accepted: {', '.join(DETERMINISTIC)}")
@@ -162,20 +178,45 @@ def deterministic_rule(kind: str, n_points: int, dim: int, dtype=torch.float64, 
             "use draw_type='sobol' or 'halton' for more"
         )
     per_dim = max(2, round(n_points ** (1.0 / dim)))
-    if kind == "gauss-hermite":
-        x, w = _gauss_hermite_1d(per_dim)
-    else:
-        x, w = _gauss_legendre_composite_1d(per_dim, QUADRATURE_HALF_WIDTH)
+    check_rule_size(per_dim**dim, 1, dim, name)
+    x, w = _rule_1d(kind, per_dim)
     pts, wts = _tensor_product(x, w, dim)
-    coarse = None
+    coarse, reason = None, None
     if _with_coarse:
-        coarse = deterministic_rule(kind, max(1, (per_dim // 2)) ** dim, dim, dtype, _with_coarse=False)
+        # The companion must have strictly fewer nodes, or the error estimate would be a false 0.
+        n_coarse = len(x) // 2
+        if n_coarse < 1:
+            reason = f"a {len(x)}-node rule per dimension has no coarser companion"
+        else:
+            xc, wc = _rule_1d(kind, n_coarse)
+            ptc, wtc = _tensor_product(xc, wc, dim)
+            coarse = IntegrationRule(z=torch.as_tensor(ptc, dtype=dtype).unsqueeze(0),
+                                     log_weights=torch.log(torch.as_tensor(wtc, dtype=dtype)), kind=kind)
     return IntegrationRule(
         z=torch.as_tensor(pts, dtype=dtype).unsqueeze(0),
         log_weights=torch.log(torch.as_tensor(wts, dtype=dtype)),
         kind=kind,
         coarse=coarse,
+        coarse_reason=reason,
     )
+
+
+def _rule_1d(kind: str, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "gauss-hermite":
+        return _gauss_hermite_1d(n_nodes)
+    return _gauss_legendre_composite_1d(n_nodes, QUADRATURE_HALF_WIDTH)
+
+
+def check_rule_size(n_points: int, n_units: int, dim: int, name: str = "draws") -> None:
+    """Refuse a rule whose points (``n_units * n_points * dim`` float64 values) would exceed
+    :data:`mixlogit.budget.MAX_RULE_BYTES`, naming the argument, the estimated size and the limit."""
+    size = 8 * int(n_points) * int(n_units) * max(1, int(dim))
+    if size > MAX_RULE_BYTES:
+        raise ValueError(
+            f"{name}={n_points} needs about {size / 2**30:.3g} GiB for the integration points "
+            f"({n_units} units x {n_points} points x {dim} dimensions, float64); the limit is "
+            f"{MAX_RULE_BYTES / 2**30:.3g} GiB: use fewer {name}"
+        )
 
 
 def make_rule(
@@ -206,12 +247,14 @@ def make_rule(
     if draw_type not in DRAW_TYPES:
         raise ValueError(f"unknown draw_type {draw_type!r}; accepted: {', '.join(DRAW_TYPES)}")
     check_draws(n_draws)
+    check_bool("antithetic", antithetic)
     if draw_type in DETERMINISTIC:
         if antithetic:
             raise ValueError(f"antithetic=True applies to simulation draws, not to draw_type={draw_type!r}")
         return deterministic_rule(draw_type, n_draws, dim, dtype)
     if antithetic and n_draws % 2:
         raise ValueError(f"antithetic=True needs an even number of draws, got draws={n_draws}")
+    check_rule_size(n_draws, n_units, dim)
     base = n_draws // 2 if antithetic else n_draws
     rng = np.random.default_rng(seed)
     if draw_type == "pseudo":

@@ -16,7 +16,7 @@ from .persistence import jsonable
 from .progress import progress_bar
 from .results import MixedLogitResults
 from .spec import Spec
-from .validation import check_int, check_positive, check_seed
+from .validation import check_bool, check_int, check_positive, check_seed
 
 METHODS = ("msl", "svi", "nuts")
 _NORMAL_FAMILIES = ("normal",)
@@ -52,6 +52,10 @@ class MixedLogit:
         if isinstance(correlated, str):
             raise TypeError(f"correlated must be True, False or a list of random coefficient names; got the string "
                             f"{correlated!r} (write [{correlated!r}])")
+        check_bool("asc", asc)
+        if not (correlated is None or isinstance(correlated, (bool, np.bool_, list, tuple))):
+            raise TypeError(f"correlated must be True, False or a list of random coefficient names; got "
+                            f"{type(correlated).__name__} {correlated!r}")
         random = dict(random or {})
         fixed = list(fixed or [])
         for name in [*random, *fixed]:
@@ -83,7 +87,8 @@ class MixedLogit:
                     "'normal' coefficients only"
                 )
         if len(correlated) == 1:
-            correlated = []  # a single coefficient has nothing to correlate with
+            raise ValueError(f"correlated names one random coefficient ({correlated[0]!r}); a correlation needs at "
+                             "least two normal random coefficients: add another or drop correlated=")
         if not random and not fixed and not asc:
             raise ValueError("the model has no coefficients: give random=, fixed= or asc=True")
         self.random, self.fixed, self.asc, self.base_alt = random, fixed, bool(asc), base_alt
@@ -139,6 +144,7 @@ class MixedLogit:
     def make_problem(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton",
                      antithetic: bool = False, seed: int | None = 0) -> MSLProblem:
         """The simulated log-likelihood of this model on ``data`` (used by fit, predict and diagnostics)."""
+        check_bool("antithetic", antithetic)
         spec = self.spec_for(data)
         design = data.design(spec.random_names, spec.fixed)
         if spec.n_random:
@@ -195,6 +201,8 @@ class MixedLogit:
         t0 = time.perf_counter()
         seed = int(np.random.default_rng().integers(2**31)) if seed is None else check_seed(seed)
         check_int("multistart", multistart, 0)
+        check_bool("progress", progress)
+        check_bool("antithetic", antithetic)
         check_int("maxiter", maxiter, 1)
         check_positive("gtol", gtol)
         problem = self.make_problem(data, draws, draw_type, antithetic, seed)
@@ -217,8 +225,14 @@ class MixedLogit:
         converged = best.converged
         scores = problem.scores(best.theta)
         integration_error = None
-        if problem.rule.kind in DETERMINISTIC and problem.rule.coarse is not None:
-            integration_error = abs(best.loglik - problem.loglik(best.theta, problem.rule.coarse))
+        rule_settings = {}
+        if problem.rule.kind in DETERMINISTIC:
+            coarse = problem.rule.coarse
+            rule_settings = {"nodes": problem.rule.n_points, "coarse_nodes": None if coarse is None else coarse.n_points}
+            if coarse is not None:
+                integration_error = abs(best.loglik - problem.loglik(best.theta, coarse))
+            else:
+                rule_settings["integration_error_note"] = problem.rule.coarse_reason
         null_ll = problem.null_loglik()
         if not converged:
             warnings.warn(f"MSL did not converge ({best.message}; max|gradient| = {best.grad_norm:.3g})",
@@ -229,7 +243,7 @@ class MixedLogit:
             n_iter=best.n_iter, message=best.message, grad_norm=best.grad_norm,
             integration_error=integration_error,
             settings={"method": "msl", "draws": int(draws), "draw_type": draw_type, "antithetic": bool(antithetic),
-                      "seed": seed, "multistart": multistart, "gtol": gtol},
+                      "seed": seed, "multistart": multistart, "gtol": gtol, **rule_settings},
             fit_time=time.perf_counter() - t0,
         )
 

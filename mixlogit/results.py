@@ -17,21 +17,48 @@ from .kernel import choice_probabilities, posterior_draw_weights
 from .moments import coefficient_mean_sd, delta_method
 from .results_base import FitResults
 from .spec import Spec
+from .validation import check_bool
 
 #: The format field of MSL results files.
 FORMAT = "mixlogit.results"
 
 
+#: Largest condition number of the information matrix scaled to unit diagonal that counts as invertible.
+MAX_SCALED_CONDITION = 1e13
+
+
+def scaled_information(neg_hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(D^-1/2 (-H) D^-1/2, D^-1/2)`` with ``D`` the diagonal of ``-H``: the information matrix in units where
+    every parameter has unit curvature, so its conditioning does not depend on the units of the attributes.
+    None when a diagonal entry is not positive and finite (a direction with no curvature)."""
+    h = 0.5 * (neg_hessian + neg_hessian.T)
+    d = np.diag(h)
+    if not np.all(np.isfinite(h)) or np.any(~(d > 0)):
+        return None
+    s = 1.0 / np.sqrt(d)
+    return h * np.outer(s, s), s
+
+
 def _safe_inverse(neg_hessian: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Inverse of the information matrix; a pseudo-inverse and ``singular=True`` when it is not invertible."""
-    try:
-        cond = np.linalg.cond(neg_hessian)
-        if not np.isfinite(cond) or cond > 1e13:
-            raise np.linalg.LinAlgError("ill-conditioned")
-        np.linalg.cholesky(0.5 * (neg_hessian + neg_hessian.T))
-        return np.linalg.inv(neg_hessian), False
-    except np.linalg.LinAlgError:
-        return np.linalg.pinv(neg_hessian), True
+    """Inverse of the information matrix; a pseudo-inverse and ``singular=True`` when it is not invertible.
+
+    Singularity is judged on the matrix scaled to unit diagonal, which is inverted there and scaled back: an
+    attribute measured in other units scales its row and column only, and leaves every other standard error
+    as it was.
+    """
+    scaled = scaled_information(neg_hessian)
+    if scaled is not None:
+        c, s = scaled
+        try:
+            cond = np.linalg.cond(c)
+            if np.isfinite(cond) and cond <= MAX_SCALED_CONDITION:
+                np.linalg.cholesky(c)
+                return np.linalg.inv(c) * np.outer(s, s), False
+        except np.linalg.LinAlgError:
+            pass
+        return np.linalg.pinv(c) * np.outer(s, s), True
+    finite = np.where(np.isfinite(neg_hessian), neg_hessian, 0.0)
+    return np.linalg.pinv(finite), True
 
 
 class MixedLogitResults(FitResults):
@@ -119,7 +146,7 @@ class MixedLogitResults(FitResults):
 
     def _interval(self, alpha: float, robust: bool = False):
         """Wald intervals; ``robust=True`` uses the sandwich standard errors."""
-        se = self.robust_bse if robust else self.bse
+        se = self.robust_bse if check_bool("robust", robust) else self.bse
         q = stats.norm.ppf(1 - alpha / 2)
         return self.params - q * se, self.params + q * se
 
@@ -136,6 +163,8 @@ class MixedLogitResults(FitResults):
         s = self.settings
         rule = "no random coefficients" if not self.spec.n_random else f"{s.get('draws')} {s.get('draw_type')} draws"
         head = [
+        if self.spec.n_random and s.get("nodes") is not None:
+            rule = f"{s.get('draw_type')} rule, {s['nodes']} nodes (draws={s.get('draws')})"
             f"Mixed logit, {s.get('method', 'msl').upper()} ({rule})",
             f"units: {self.n_units}   choice situations: {self.n_obs}   parameters: {self.n_params}",
             (f"log-likelihood: {self.loglik:.3f}   null: {self.null_loglik:.3f}   "
@@ -145,7 +174,10 @@ class MixedLogitResults(FitResults):
              f"{self.fit_time:.1f} s)"),
         ]
         if self.integration_error is not None:
-            head.append(f"estimated integration error of the log-likelihood: {self.integration_error:.2e}")
+            head.append(f"estimated integration error of the log-likelihood: {self.integration_error:.2e} "
+                        f"(against {s.get('coarse_nodes', 'a coarser rule of')} nodes)")
+        elif s.get("integration_error_note"):
+            head.append(f"integration error not estimated: {s['integration_error_note']}")
         if self.hessian_singular:
             head.append("WARNING: singular Hessian; standard errors unreliable")
         return head
@@ -340,6 +372,7 @@ class MixedLogitResults(FitResults):
         of ``P_i`` with respect to alternative j's attribute, averaged over situations where both are available.
         """
         sp = self.spec
+        check_bool("cross", cross)
         if attribute not in sp.random_names + sp.fixed:
             raise ValueError(f"attribute {attribute!r} is not a coefficient of the model; "
                              f"coefficients: {sp.random_names + sp.fixed}")

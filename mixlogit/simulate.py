@@ -11,6 +11,7 @@ import torch
 from .data import ChoiceData
 from .model import MixedLogit
 from .spec import Spec
+from .validation import check_bool
 
 
 @dataclass
@@ -58,6 +59,7 @@ def simulate(
     attribute_sd : sd of the i.i.d. normal attributes.
     seed : seed of every random choice.
     """
+    check_bool("panel", panel)
     random = dict(random or {})
     fixed = dict(fixed or {})
     asc = dict(asc or {})

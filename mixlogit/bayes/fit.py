@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 from ..data import ChoiceData
-from ..validation import check_seed
+from ..validation import check_bool, check_seed
 from .guides import GUIDES
 from .nuts import fit_nuts
 from .pilot import INITS
@@ -66,6 +66,7 @@ def _check_common(kwargs, allowed, method):
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
     check_seed(kwargs.get("seed", 0))
+    check_bool("progress", kwargs.get("progress", False))
     priors = kwargs.get("priors")
     if priors is not None and not isinstance(priors, dict):
         raise TypeError(f"priors must be a dict mapping parameter names or groups to priors, got {priors!r}")

@@ -14,6 +14,7 @@ from ..diagnostics import LOG_LIKELIHOODS, heterogeneity_from_draws, to_idata
 from ..persistence import jsonable
 from ..results_base import FitResults
 from ..spec import Spec
+from ..validation import check_bool
 from .samplers import StoredSampler, SVISampler, random_rows, thin
 
 #: The format field of Bayesian results files (the name is the module's before it moved into the package; saved
@@ -49,6 +50,7 @@ class BayesResults(FitResults):
 
     FORMAT = FORMAT
     DESCRIPTION = "mixlogit Bayesian results file"
+    FINITE_FIELDS = ("draws", "individual_mean", "individual_sd", "elbo")
 
     def __init__(self, *, method, model, spec: Spec, draws, individual_mean, individual_sd, unit_labels, elbo,
                  sample_stats, converged, message, n_iter, settings, priors, fit_time, n_obs, n_units, sampler=None,
@@ -156,6 +158,8 @@ class BayesResults(FitResults):
         :data:`MAX_INDIVIDUAL_ELEMENTS`; results read from a file carry population draws only."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
+        if individual is not None:
+            check_bool("individual", individual)
         K = self.spec.n_random
         can = K > 0 and not isinstance(self._sampler, StoredSampler)
         if individual is None:
