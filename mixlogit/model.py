@@ -11,7 +11,7 @@ import torch
 from .data import ChoiceData, ChoiceDataError, require_choice_data
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
-from .msl import MSLProblem, maximize, polish
+from .msl import SEPARATION, MSLProblem, identification_problems, maximize, polish
 from .persistence import jsonable
 from .progress import progress_bar
 from .results import MixedLogitResults
@@ -234,7 +234,18 @@ class MixedLogit:
             else:
                 rule_settings["integration_error_note"] = problem.rule.coarse_reason
         null_ll = problem.null_loglik()
-        if not converged:
+        unidentified = identification_problems(problem, best.theta, hessian) if np.all(np.isfinite(hessian)) else {}
+        separated = [n for n, why in unidentified.items() if why.startswith(SEPARATION)]
+        if separated:
+            converged = False
+            warnings.warn(f"{SEPARATION}: {', '.join(map(repr, separated))} run off toward infinity (the likelihood "
+                          "approaches its supremum only in the limit); the fit has not converged", RuntimeWarning,
+                          stacklevel=3)
+        others = {n: why for n, why in unidentified.items() if n not in separated}
+        if others:
+            warnings.warn("not identified: " + "; ".join(f"{n}: {why}" for n, why in others.items()),
+                          RuntimeWarning, stacklevel=3)
+        if not converged and not separated:
             warnings.warn(f"MSL did not converge ({best.message}; max|gradient| = {best.grad_norm:.3g})",
                           RuntimeWarning, stacklevel=3)
         return MixedLogitResults.from_fit(
@@ -243,7 +254,8 @@ class MixedLogit:
             n_iter=best.n_iter, message=best.message, grad_norm=best.grad_norm,
             integration_error=integration_error,
             settings={"method": "msl", "draws": int(draws), "draw_type": draw_type, "antithetic": bool(antithetic),
-                      "seed": seed, "multistart": multistart, "gtol": gtol, **rule_settings},
+                      "seed": seed, "multistart": multistart, "gtol": gtol, **rule_settings,
+                      **({"unidentified": unidentified} if unidentified else {})},
             fit_time=time.perf_counter() - t0,
         )
 

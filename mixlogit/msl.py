@@ -240,3 +240,77 @@ def polish(problem: MSLProblem, opt: OptimizeResult, max_steps: int = 10) -> tup
     if converged:
         message = "converged (Newton decrement)"
     return OptimizeResult(theta, value, converged, opt.n_iter, message, gnorm, grad), hess
+
+
+#: A coefficient whose utility range ``|beta| * max|x difference|`` exceeds this, and whose doubling does not lower
+#: the log-likelihood, runs off toward infinity (perfect separation).
+SEPARATION_UTILITY = 5.0
+#: A lognormal coefficient whose 3-sd upper point times the attribute's range is below this has been pushed to 0.
+VANISHED_UTILITY = 1e-6
+#: Eigenvalues of the information matrix scaled to unit diagonal below this (relative to the largest) are null
+#: directions.
+NULL_EIGENVALUE = 1e-10
+SEPARATION = "perfect separation"
+
+
+def identification_problems(problem: MSLProblem, theta: np.ndarray, hessian: np.ndarray) -> dict[str, str]:
+    """Parameters that the data do not identify at ``theta``: name -> reason. The one place these checks live.
+
+    - a coefficient on a column that is constant within every choice situation (never changes a choice): its
+      location, and its spread for a random one;
+    - perfect separation: a coefficient that runs off toward infinity (doubling it does not lower the
+      log-likelihood, although it moves utilities by more than :data:`SEPARATION_UTILITY`); the reason starts
+      with :data:`SEPARATION`;
+    - a lognormal coefficient pushed to zero (location toward -inf): its location and spread;
+    - any other null direction of the information matrix scaled to unit diagonal, naming its parameters.
+    """
+    spec, d = problem.spec, problem.design
+    names, sl = spec.param_names, spec.slices()
+    theta = np.asarray(theta, dtype=float)
+    real = (d.situation_mask.unsqueeze(-1) & d.avail_diff).unsqueeze(-1)
+
+    def span(x):  # largest |difference| over real (situation, alternative) pairs, per column
+        if x.shape[-1] == 0 or x.shape[2] == 0:
+            return np.zeros(x.shape[-1])
+        return torch.where(real, x.abs(), 0.0).amax((0, 1, 2)).numpy()
+
+    span_f, span_r = span(d.x_fixed_diff), span(d.x_rand_diff)
+    out: dict[str, str] = {}
+    constant = "column {!r} is constant within every choice situation, so it never changes a choice"
+    for k, col in enumerate(spec.fixed):
+        if span_f[k] == 0:
+            out[col] = constant.format(col)
+    for k, (col, dist) in enumerate(spec.random.items()):
+        if span_r[k] == 0:
+            out[col] = out[f"sd.{col}"] = constant.format(col) + " (neither its location nor its spread is identified)"
+        elif dist in ("lognormal", "-lognormal"):
+            loc, s = theta[sl["loc"]][k], abs(theta[sl["spread"]][k])
+            if loc + 3 * s + math.log(span_r[k]) < math.log(VANISHED_UTILITY):
+                out[col] = out[f"sd.{col}"] = (f"the {dist} coefficient {col!r} is pushed to zero (location {loc:.3g} "
+                                               "heads to -inf): its location and spread are not identified")
+    base = problem.loglik(theta)
+    candidates = [(i, span_f[k]) for k, i in enumerate(range(sl["fixed"].start, sl["fixed"].stop))]
+    candidates += [(sl["loc"].start + k, span_r[k]) for k, dist in enumerate(spec.random.values()) if dist == "normal"]
+    for i, width in candidates:
+        if names[i] in out or abs(theta[i]) * width <= SEPARATION_UTILITY:
+            continue
+        doubled = theta.copy()
+        doubled[i] *= 2
+        if problem.loglik(doubled) >= base - 1e-6:
+            out[names[i]] = (f"{SEPARATION}: the log-likelihood keeps rising as {names[i]!r} grows (estimate "
+                             f"{theta[i]:.4g}); it runs off to {'+' if theta[i] > 0 else '-'}inf")
+    h = -0.5 * (hessian + hessian.T)
+    diag = np.diag(h)
+    ok = [i for i in range(len(names)) if names[i] not in out and np.isfinite(diag[i]) and diag[i] > 0]
+    for i in range(len(names)):
+        if names[i] not in out and i not in ok:
+            out[names[i]] = "the log-likelihood has no curvature in this parameter"
+    if len(ok) > 1 and np.all(np.isfinite(h[np.ix_(ok, ok)])):
+        s = 1.0 / np.sqrt(diag[ok])
+        vals, vecs = np.linalg.eigh(h[np.ix_(ok, ok)] * np.outer(s, s))
+        for j in np.flatnonzero(vals < NULL_EIGENVALUE * max(vals.max(), 1.0)):
+            involved = [names[ok[m]] for m in np.flatnonzero(np.abs(vecs[:, j]) > 0.3)]
+            for n in involved:
+                out.setdefault(n, f"the information matrix is singular along a combination of {', '.join(involved)} "
+                                  "(collinear columns or an unidentified parameter)")
+    return out

@@ -129,8 +129,17 @@ class MixedLogitResults(FitResults):
                          name="robust_bse")
 
     @property
+    @property
+    def unidentified(self) -> dict[str, str]:
+        """Parameters the data do not identify: name -> reason (see
+        :func:`mixlogit.msl.identification_problems`); their z and p are NaN."""
+        return dict(self.settings.get("unidentified") or {})
+
     def tvalues(self) -> pd.Series:
-        return (self.params / self.bse).rename("z")
+        z = (self.params / self.bse).rename("z")
+        bad = [n for n in self.unidentified if n in z.index]
+        z[bad] = np.nan
+        return z
 
     @property
     def pvalues(self) -> pd.Series:
@@ -156,8 +165,14 @@ class MixedLogitResults(FitResults):
 
     def summary_frame(self, alpha: float = 0.05) -> pd.DataFrame:
         ci = self.conf_int(alpha)
-        return pd.DataFrame({"estimate": self.params, "std.err": self.bse, "z": self.tvalues, "p": self.pvalues,
-                             "robust.se": self.robust_bse, "lower": ci["lower"], "upper": ci["upper"]})
+        frame = pd.DataFrame({"estimate": self.params, "std.err": self.bse, "z": self.tvalues, "p": self.pvalues,
+                              "robust.se": self.robust_bse, "lower": ci["lower"], "upper": ci["upper"]})
+        if self.unidentified:
+            frame["note"] = ["not identified" if n in self.unidentified else "" for n in frame.index]
+        return frame
+
+    def _summary_foot(self) -> list[str]:
+        return [f"not identified: {n}: {why}" for n, why in self.unidentified.items()]
 
     def _summary_head(self) -> list[str]:
         s = self.settings
