@@ -57,15 +57,15 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     s = df[col]
     if s.dtype == bool:
         return s.to_numpy(dtype=np.float64)
+    if pd.api.types.is_complex_dtype(s) or (s.dtype == object and s.map(lambda v: isinstance(v, complex)).any()):
+        raise ChoiceDataError(f"{role} column {col!r} holds complex numbers (dtype {s.dtype}); attributes must be "
+                              "real: take the real part or the modulus first")
     if not (pd.api.types.is_numeric_dtype(s)):
         missing = s.isna().to_numpy()
         bad = pd.to_numeric(s, errors="coerce").isna().to_numpy() & ~missing
         if not bad.any() and missing.any():  # numbers with gaps (an object column holding None)
             row = first_label(df.index, missing)
             raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r} ({int(missing.sum())} such "
-    if pd.api.types.is_complex_dtype(s) or (s.dtype == object and s.map(lambda v: isinstance(v, complex)).any()):
-        raise ChoiceDataError(f"{role} column {col!r} holds complex numbers (dtype {s.dtype}); attributes must be "
-                              "real: take the real part or the modulus first")
                                   "rows); fill or drop them first")
         row = first_label(df.index, bad) if bad.any() else df.index[0]
         raise ChoiceDataError(
@@ -102,12 +102,6 @@ def _binary_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
     return v.astype(bool)
 
 
-@dataclass
-class Design:
-    """Tensors for one model on one data set (float64 unless stated).
-
-    ``N`` units (persons, or situations without a panel), ``T`` max situations per unit, ``J`` alternatives,
-    ``A = J - 1`` non-chosen alternatives, ``Kr``/``Kf`` random/fixed columns.
 def factorize_sorted(values) -> tuple[np.ndarray, pd.Index]:
     """Codes and labels of ``values`` with the labels in sorted order, whatever the order of the rows: natural
     order where the labels compare, else by (type name, text). Unit and situation codes come from here, so
@@ -123,6 +117,12 @@ def factorize_sorted(values) -> tuple[np.ndarray, pd.Index]:
     return rank[codes], labels.take(order)
 
 
+@dataclass
+class Design:
+    """Tensors for one model on one data set (float64 unless stated).
+
+    ``N`` units (persons, or situations without a panel), ``T`` max situations per unit, ``J`` alternatives,
+    ``A = J - 1`` non-chosen alternatives, ``Kr``/``Kf`` random/fixed columns.
 
     x_rand, x_fixed : (N, T, J, Kr), (N, T, J, Kf) attribute levels (zeros for padding).
     avail : (N, T, J) bool availability (False for padding).

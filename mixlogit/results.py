@@ -129,12 +129,12 @@ class MixedLogitResults(FitResults):
                          name="robust_bse")
 
     @property
-    @property
     def unidentified(self) -> dict[str, str]:
         """Parameters the data do not identify: name -> reason (see
         :func:`mixlogit.msl.identification_problems`); their z and p are NaN."""
         return dict(self.settings.get("unidentified") or {})
 
+    @property
     def tvalues(self) -> pd.Series:
         z = (self.params / self.bse).rename("z")
         bad = [n for n in self.unidentified if n in z.index]
@@ -177,9 +177,9 @@ class MixedLogitResults(FitResults):
     def _summary_head(self) -> list[str]:
         s = self.settings
         rule = "no random coefficients" if not self.spec.n_random else f"{s.get('draws')} {s.get('draw_type')} draws"
-        head = [
         if self.spec.n_random and s.get("nodes") is not None:
             rule = f"{s.get('draw_type')} rule, {s['nodes']} nodes (draws={s.get('draws')})"
+        head = [
             f"Mixed logit, {s.get('method', 'msl').upper()} ({rule})",
             f"units: {self.n_units}   choice situations: {self.n_obs}   parameters: {self.n_params}",
             (f"log-likelihood: {self.loglik:.3f}   null: {self.null_loglik:.3f}   "
@@ -386,8 +386,8 @@ class MixedLogitResults(FitResults):
         ``x_i / P_i * E[beta L_i (1 - L_i)]``. ``cross=True``: a J x J DataFrame, entry (i, j) the elasticity
         of ``P_i`` with respect to alternative j's attribute, averaged over situations where both are available.
         """
-        sp = self.spec
         check_bool("cross", cross)
+        sp = self.spec
         if attribute not in sp.random_names + sp.fixed:
             raise ValueError(f"attribute {attribute!r} is not a coefficient of the model; "
                              f"coefficients: {sp.random_names + sp.fixed}")
