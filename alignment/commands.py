@@ -15,7 +15,7 @@ import time
 from mixlogit.persistence import refuse_to_overwrite, write_json
 from mixlogit.tables import markdown_table
 
-from . import run_dir
+from . import checkpoints, run_dir
 from .data import load_preference_data, validate_preference_dataset
 from .diagnostics import PLOT_FILES, plot_strength, strength_to_arviz
 from .evaluate import evaluate
@@ -71,12 +71,21 @@ def check_train(a) -> None:
 
     if a.resume and not os.path.isdir(a.resume):
         raise ValueError(f"--resume {a.resume} is not a directory; pass a checkpoint-N directory of an earlier run")
+    if a.resume and (problem := checkpoints.checkpoint_problem(a.resume)):
+        last = checkpoints.last_complete(os.path.dirname(os.path.abspath(a.resume)))
+        raise ValueError(f"--resume {a.resume} {problem}" + (f"; resume from {last}, the last complete checkpoint"
+                                                           " of that run" if last else ""))
     _check_not_file("--output", a.output)
-    if os.path.isdir(a.output):
-        # Resuming continues the checkpoints of the run in --output: they are expected there, nothing else is.
-        present, latest = run_dir.run_files_present(a.output, keep_checkpoints=bool(a.resume))
-        hint = f" (or continue that run with --resume {os.path.join(a.output, latest)})" if (
-            latest and not a.resume) else ""
+    if os.path.isdir(a.output) and a.resume:
+        # Resuming continues the run that wrote the checkpoint: its own files in --output (checkpoints with its
+        # id, TRL's model card, what a killed final save left) are expected there; another run's are not.
+        foreign = checkpoints.foreign_entries(a.output, checkpoints.checkpoint_run_id(a.resume), a.resume)
+        _refuse_replacing("--output", a.output, foreign, a.overwrite,
+                          " (they are not the files of the run that wrote --resume's checkpoint)")
+    elif os.path.isdir(a.output):
+        present, _ = run_dir.run_files_present(a.output)
+        latest = checkpoints.last_complete(a.output)
+        hint = f" (or continue that run with --resume {latest})" if latest else ""
         _refuse_replacing("--output", a.output, present, a.overwrite, hint)
     if a.objective not in OBJECTIVES:
         raise ValueError(f"--objective {a.objective!r} is not an objective; accepted: {', '.join(OBJECTIVES)}")
@@ -248,8 +257,10 @@ def train_command(a) -> int:
         "beta": a.beta,
         "train_seconds": wall,
         "steps": trainer.state.global_step,
+        "run_id": trainer.run_id,
     }
-    run_dir.write_run_records(a.output, run, metrics, overwrite=a.overwrite)
+    # (resuming, check_train let through only a record of this run: the run replaces its own records)
+    run_dir.write_run_records(a.output, run, metrics, overwrite=a.overwrite or bool(a.resume))
     keys = [
         "eval_loss",
         "eval_rewards/accuracies",

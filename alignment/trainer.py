@@ -15,7 +15,9 @@ What changes relative to ``trl.DPOTrainer`` (trl >= 1.16, < 2):
   ``-log sigmoid(beta h)``; ``strength="point"`` gives DPO's sigmoid loss with ``beta`` exactly;
 - phi (the strength parameters) is trained jointly with the policy, in its own optimizer param group with its
   own learning rate, saved in every checkpoint (``strength.pt`` + ``strength.json``, see
-  :mod:`alignment.run_dir`) and restored on resume;
+  :mod:`alignment.run_dir`) and restored on resume; checkpoints are written atomically, each with a record
+  of its run (:mod:`alignment.checkpoints`), and resuming restores every weight (Trainer's own resume skips
+  the weights a model class renames when it saves);
 - logs ``beta/mean``, ``beta/std``, ``beta/cv`` and ``beta/<family parameter>`` next to TRL's metrics, and
   with a ``group_column`` also ``rewards/accuracies_macro`` (preference accuracy averaged over groups).
 
@@ -34,8 +36,10 @@ import os
 from typing import Any, ClassVar
 
 import torch
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
+from . import checkpoints
 from .batching import (
     EXTRA_COLUMNS,
     GROUP_ID_COLUMN,
@@ -57,6 +61,14 @@ __all__ = ["MixDPOTrainer"]
 logger = logging.getLogger(__name__)
 
 
+class _ZeroGradsAfterStep(TrainerCallback):
+    def __init__(self, module):
+        self.module = module
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.module.zero_grad(set_to_none=True)
+
+
 class MixDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` with a learned distribution of preference strength (MixDPO).
 
@@ -68,21 +80,9 @@ class MixDPOTrainer(DPOTrainer):
     _tag_names: ClassVar[list[str]] = ["trl", "dpo", "mixdpo"]
     _name = "MixDPO"
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args=None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        compute_metrics=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, compute_metrics=None, callbacks=None, optimizers=(None, None),
+                 quantization_config=None, peft_config=None):
         if args is None:
             args = MixDPOConfig(output_dir="mixdpo-output")
         elif not isinstance(args, MixDPOConfig):
@@ -102,32 +102,19 @@ class MixDPOTrainer(DPOTrainer):
             validate_preference_dataset(ds, args.group_column, name)
         self._group_index: dict[str, int] = {}
         self._group_counts: dict[str, dict[int, list[float]]] = {"train": {}, "eval": {}}
-        self._strength_meta = strength_settings(
-            args.strength,
-            args.beta,
-            args.strength_init,
-            args.strength_integrator,
-            args.strength_nodes,
-            args.strength_fix_mean,
-            args.objective,
-        )
+        self._strength_meta = strength_settings(args.strength, args.beta, args.strength_init, args.strength_integrator,
+                                                args.strength_nodes, args.strength_fix_mean, args.objective)
         self._strength = strength_from_settings(self._strength_meta)
-        super().__init__(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-        )
+        #: Written into every checkpoint's record; a run resumed from a checkpoint takes its id.
+        self.run_id = checkpoints.new_run_id()
+        super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+                         quantization_config=quantization_config, peft_config=peft_config)
         self._strength.to(self.accelerator.device)
         self.data_collator = CollatorWithExtras(self.data_collator)
+        # Trainer zeroes the model's gradients after each optimizer step, and the strength is not in the model.
+        self.add_callback(_ZeroGradsAfterStep(self._strength))
 
     # ------------------------------------------------------------------ configuration checks
     @staticmethod
@@ -164,14 +151,9 @@ class MixDPOTrainer(DPOTrainer):
             if n_before is not None:
                 n_dropped = n_before - len(dataset)
                 if n_dropped:
-                    logger.warning(
-                        "MixDPO: dropped %d of %d pairs of the %s dataset whose completion is empty after "
-                        "truncation to max_length=%s (they carry no preference signal).",
-                        n_dropped,
-                        n_before,
-                        dataset_name,
-                        args.max_length,
-                    )
+                    logger.warning("MixDPO: dropped %d of %d pairs of the %s dataset whose completion is empty after "
+                                   "truncation to max_length=%s (they carry no preference signal).", n_dropped,
+                                   n_before, dataset_name, args.max_length)
                 if len(dataset) == 0:
                     raise ValueError(
                         f"Every pair of the {dataset_name} dataset has an empty completion after "
@@ -424,15 +406,39 @@ class MixDPOTrainer(DPOTrainer):
             }
             save_strength(self._strength, output_dir or self.args.output_dir, meta)
 
+    # Atomic checkpoints. Trainer._save_checkpoint writes every file of a checkpoint (through save_model, the
+    # strength's too) under ``_get_output_dir(trial)/checkpoint-N``; there is no public hook before the files are
+    # written (a callback's on_save runs after). So while it runs, _get_output_dir answers a staging folder, and
+    # the complete checkpoint is then sealed and renamed into the run folder (alignment.checkpoints).
+    def _get_output_dir(self, trial):
+        return getattr(self, "_staging", None) or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        def save(staging):
+            self._staging = staging
+            try:
+                super(MixDPOTrainer, self)._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+
+        checkpoints.save_atomically(self, super()._get_output_dir(trial), save)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled or self._is_peft()):
+            checkpoints.restore_model_weights(self.model if model is None else model, resume_from_checkpoint)
+
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         if resume_from_checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = checkpoints.last_complete(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            self._restore_strength(os.fspath(resume_from_checkpoint))
+            ckpt = os.fspath(resume_from_checkpoint)
+            checkpoints.check_resumable(ckpt, lambda: self._restore_strength(ckpt))
+            self.run_id = checkpoints.checkpoint_run_id(ckpt) or self.run_id
+        if self.args.should_save:
+            checkpoints.remove_staging(self.args.output_dir)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint or None,
             trial=trial,

@@ -18,7 +18,8 @@ import alignment
 PACKAGE = Path(alignment.__file__).parent
 #: Bottom-up: a module may import only modules listed before it (the package's __init__ is the facade).
 LAYERS = ("synthetic", "data", "models", "strength_base", "strength_families", "strength", "losses", "evaluate",
-          "batching", "run_dir", "config", "trainer", "diagnostics", "experiments", "commands", "cli")
+          "batching", "run_dir", "checkpoints", "config",
+          "trainer", "diagnostics", "experiments", "commands", "cli")
 #: The only modules that may import TRL (anywhere, including inside functions).
 TRL_MODULES = {"config", "trainer", "experiments", "commands"}
 
