@@ -65,8 +65,8 @@ def _separated(seed=0):
         for t in range(4):
             x, z = rng.normal(size=3), rng.normal(size=3)
             c = int(np.argmax(x))  # x predicts every choice
-            rows += [dict(person=p, situation=10 * p + t, alt=j, choice=int(j == c), x=x[j], z=z[j], k=1.0,
-                          inc=float(p)) for j in range(3)]
+            rows += [{"person": p, "situation": 10 * p + t, "alt": j, "choice": int(j == c), "x": x[j], "z": z[j], "k": 1.0,
+                          "inc": float(p)} for j in range(3)]
     return pd.DataFrame(rows)
 
 
