@@ -10,14 +10,20 @@ import pandas as pd
 
 from .data import ChoiceData
 from .datasets import DATASETS, ELECTRICITY_COLUMNS, ELECTRICITY_E1
-from .diagnostics import write_report
+from .diagnostics import PLOT_FILES, write_report
+from .diagnostics.report import REPORT_FILES
 from .draws import DRAW_TYPES
 from .loading import load
 from .model import MixedLogit
-from .persistence import existing
+from .persistence import existing, replace_folder
 
 #: The files ``mixlogit fit`` writes into its ``--out`` folder.
 RESULT_FILES = ("results.json", "params.csv", "summary.txt")
+#: What a new fit replaces in ``--out`` (with ``--overwrite``): its own files and a previous model's report and
+#: plots. Other files there are kept; the folder is written as a unit (:func:`mixlogit.persistence.replace_folder`).
+FIT_REPLACES = (*RESULT_FILES, *REPORT_FILES, *PLOT_FILES)
+#: Separators a CSV read as one column probably uses (for the hint).
+SEPARATORS = {";": "';'", "\t": "'\\t'", "|": "'|'", ",": "','"}
 
 
 def _parse_random(text: str | None) -> dict[str, str]:
@@ -41,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("file", nargs="?", help="long-format CSV (one row per alternative per choice situation)")
     f.add_argument("--dataset", choices=sorted(DATASETS), help="a built-in data set instead of FILE "
                    "(electricity: spec E1, six normal coefficients, panel by id, unless --random/--fixed given)")
+    f.add_argument("--sep", default=",", help="column separator of FILE (default: %(default)r; '\\t' for tabs)")
     f.add_argument("--choice", help="column with 1/True for the chosen alternative")
     f.add_argument("--alt", help="alternative label column")
     f.add_argument("--situation", help="choice-situation id column")
@@ -59,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--antithetic", action="store_true")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--out", default="mixlogit-results", help="output folder (default: %(default)s)")
-    f.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
+    f.add_argument("--overwrite", action="store_true", help="replace existing result files in --out (and a previous "
+                   "model's report and plots there; other files are kept)")
     b = f.add_argument_group("Bayesian estimation (--method svi | nuts)")
     b.add_argument("--steps", type=int, default=3000, help="SVI: most optimization steps (default: %(default)s)")
     b.add_argument("--guide", default="fullrank", help="SVI guide: meanfield, fullrank or amortized "
@@ -100,7 +108,31 @@ def _data_source(args) -> dict:
         src["dataset"] = args.dataset
     else:
         src["file"] = str(Path(args.file).resolve())
+        src["sep"] = args.sep
     return src
+
+
+def _fingerprint(res, data: ChoiceData) -> str:
+    """The fingerprint of the columns the model uses (and the role columns) in ``data``."""
+    return data.fingerprint([*res.spec.random_names, *res.spec.fixed])
+
+
+def _check_same_data(res, data: ChoiceData, path: Path) -> None:
+    """Refuse data that differ from those the results in ``path`` were fitted on."""
+    src = res.settings.get("data") or {}
+    where = src.get("file") or f"the data set {src.get('dataset')!r}"
+    if "fingerprint" not in src:
+        print(f"mixlogit: note: {path} holds no fingerprint of its data (written by an older mixlogit); "
+              f"{where} is not checked against the fit", file=sys.stderr)
+        return
+    if src.get("rows") is not None and src["rows"] != data.n_rows:
+        raise SystemExit(f"{where} has {data.n_rows} rows, but the model in {path} was fitted on {src['rows']}; "
+                         "give the estimation data or refit (--no-data skips the data)")
+    if _fingerprint(res, data) != src["fingerprint"]:
+        cols = [c for c in (*res.spec.random_names, *res.spec.fixed) if c in data.df.columns]
+        raise SystemExit(f"{where} differs from the data the model in {path} was fitted on: the values of the "
+                         f"columns {', '.join(cols)} or of the choice, alternative, situation, panel, availability or "
+                         "weight columns changed; give the estimation data or refit (--no-data skips the data)")
 
 
 def _reload_data(settings: dict) -> ChoiceData | None:
@@ -116,7 +148,7 @@ def _reload_data(settings: dict) -> ChoiceData | None:
             print(f"mixlogit: note: estimation data {path} not found; the report skips what needs the data",
                   file=sys.stderr)
             return None
-        df = _read_csv(path)
+        df = _read_csv(path, src.get("sep", ","))
         cols = {}
     for k in ("choice", "alt", "situation", "panel"):
         if src.get(k):
@@ -128,6 +160,8 @@ def _load_data(args) -> tuple[ChoiceData, dict, list]:
     if args.dataset and args.file:
         raise SystemExit("give either FILE or --dataset, not both")
     if args.dataset:
+        if args.sep != ",":
+            raise SystemExit("--sep applies to a CSV FILE, not to --dataset")
         df = DATASETS[args.dataset]()
         cols = dict(ELECTRICITY_COLUMNS)
         for k in ("choice", "alt", "situation", "panel"):
@@ -142,7 +176,7 @@ def _load_data(args) -> tuple[ChoiceData, dict, list]:
         missing = [f"--{k}" for k in ("choice", "alt", "situation") if not getattr(args, k)]
         if missing:
             raise SystemExit(f"fitting a file needs {', '.join(missing)}")
-        df = _read_csv(path)
+        df = _read_csv(path, args.sep)
         cols = {"choice": args.choice, "alt": args.alt, "situation": args.situation, "panel": args.panel}
         random, fixed = _parse_random(args.random), _parse_list(args.fixed)
     else:
@@ -175,18 +209,27 @@ def _check_fit_args(args) -> None:
         raise SystemExit("the model has no coefficients: give --random, --fixed or --asc")
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, sep: str = ",") -> pd.DataFrame:
+    sep = "\t" if sep in ("\\t", "tab") else sep
+    if not sep:
+        raise SystemExit("--sep must not be empty")
     try:
-        return pd.read_csv(path)
+        df = pd.read_csv(path, sep=sep)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise SystemExit(f"{path}: cannot be read as CSV ({e})") from None
+    if len(df.columns) == 1:
+        header = str(df.columns[0])
+        guess = next((shown for c, shown in SEPARATORS.items() if c != sep and c in header), None)
+        hint = f"; it probably uses {guess} (pass --sep {guess})" if guess else ""
+        raise SystemExit(f"{path}: read with separator {sep!r} it has a single column, {header!r}{hint}")
+    return df
 
 
 def cmd_fit(args) -> int:
     _check_fit_args(args)
     out = Path(args.out)
     targets = [out / n for n in RESULT_FILES]
-    present = existing(out, RESULT_FILES)
+    present = existing(out, FIT_REPLACES)
     if present and not args.overwrite:
         raise SystemExit(f"{', '.join(map(str, present))} exist; pass --overwrite to replace them or choose another "
                          "--out")
@@ -207,12 +250,12 @@ def cmd_fit(args) -> int:
     else:
         res = model.fit(data, method=args.method, seed=args.seed, progress=True, num_samples=args.num_samples,
                         num_warmup=args.num_warmup, chains=args.chains, priors=_parse_priors(args.prior))
-    res.settings["data"] = _data_source(args)
-    out.mkdir(parents=True, exist_ok=True)
-    res.save(targets[0], overwrite=True)
-    res.summary_frame().to_csv(targets[1])
+    res.settings["data"] = _data_source(args) | {"rows": data.n_rows, "fingerprint": _fingerprint(res, data)}
     text = res.summary()
-    targets[2].write_text(text + "\n")
+    with replace_folder(out, FIT_REPLACES, overwrite=args.overwrite) as tmp:
+        res.save(tmp / targets[0].name)
+        res.summary_frame().to_csv(tmp / targets[1].name)
+        (tmp / targets[2].name).write_text(text + "\n")
     print(text)
     print(f"results written to {out}/ (results.json, params.csv, summary.txt)")
     return 0
@@ -225,6 +268,8 @@ def cmd_report(args) -> int:
         raise SystemExit(f"{path} does not exist; RESULTS_DIR must be a folder written by `mixlogit fit`")
     res = load(path)
     data = None if args.no_data else _reload_data(res.settings)
+    if data is not None:
+        _check_same_data(res, data, path)
     report = write_report(res, Path(args.out) if args.out else folder, data=data, fmt=args.format,
                           overwrite=args.overwrite)
     print(f"report written to {report}")
@@ -238,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_fit(args)
         if args.command == "report":
             return cmd_report(args)
-    except (ValueError, KeyError, FileExistsError) as e:
+    except (ValueError, KeyError, OSError) as e:
         print(f"mixlogit: error: {e}", file=sys.stderr)
         return 2
     return 1

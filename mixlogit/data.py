@@ -7,6 +7,7 @@ the columns a model uses into the tensors the kernel consumes.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -34,7 +35,12 @@ REQUIRED_ROLES = ("choice", "alt", "situation")
 
 def require_columns(df: pd.DataFrame, columns: dict[str, str | None]) -> None:
     """Each role's column (role -> column name, None when not given) must be one name that is in ``df``; the
-    roles in :data:`REQUIRED_ROLES` must be given. Errors name the role and the columns there are."""
+    roles in :data:`REQUIRED_ROLES` must be given, and no column name may appear twice in ``df``. Errors name the
+    role and the columns there are."""
+    dup = df.columns[df.columns.duplicated()]
+    if len(dup):
+        raise ChoiceDataError(f"column {plain_value(dup[0])!r} appears {int((df.columns == dup[0]).sum())} times in the "
+                              "table; column names must be unique (rename or drop the copies)")
     for role, col in columns.items():
         if col is None and role in REQUIRED_ROLES:
             raise ChoiceDataError(f"{role}= is required: the name of the {role} column")
@@ -234,10 +240,10 @@ class ChoiceData:
         sit_codes, sit_labels = factorize_sorted(df[situation])
         dup = pd.DataFrame({"s": sit_codes, "a": df[alt].to_numpy()}).duplicated().to_numpy()
         if dup.any():
-            row = first_label(df.index, dup)
+            i = int(np.flatnonzero(dup)[0])  # by position: the index may repeat labels
             raise ChoiceDataError(
-                f"alternative {plain_value(df[alt].loc[row])!r} appears twice in situation {plain_value(df[situation].loc[row])!r} "
-                f"(row {row!r}); column {alt!r} must be unique within column {situation!r}"
+                f"alternative {plain_value(df[alt].iloc[i])!r} appears twice in situation {plain_value(df[situation].iloc[i])!r} "
+                f"(row {plain_value(df.index[i])!r}); column {alt!r} must be unique within column {situation!r}"
             )
         n_chosen = np.bincount(sit_codes, weights=chosen.astype(float), minlength=len(sit_labels))
         bad = n_chosen != 1
@@ -330,6 +336,23 @@ class ChoiceData:
         """Columns that can serve as attributes (numeric, not an id/choice/avail/weights column)."""
         roles = {self.choice, self.alt, self.situation, self.panel, self.avail, self.weights}
         return [c for c in self.df.columns if c not in roles and pd.api.types.is_numeric_dtype(self.df[c])]
+
+    def fingerprint(self, columns=()) -> str:
+        """sha256 (hex) of the role columns and the attribute ``columns`` (names that are not columns, such as
+        ``asc.<alt>``, are skipped), in a canonical order: roles in a fixed order, attributes sorted by name, rows
+        sorted by (situation, alternative), so a shuffled table gives the same fingerprint."""
+        roles = {"choice": self.choice, "alt": self.alt, "situation": self.situation, "panel": self.panel,
+                 "avail": self.avail, "weights": self.weights}
+        cols = [(r, c) for r, c in roles.items() if c is not None]
+        cols += [("attribute", c) for c in sorted({c for c in columns if c in self.df.columns} - set(roles.values()))]
+        order = np.lexsort((self.df[self.alt].astype(str).to_numpy(), self.df[self.situation].astype(str).to_numpy()))
+        h = hashlib.sha256()
+        for role, c in cols:
+            s = self.df[c].iloc[order]
+            h.update(f"\x1e{role}:{c}\x1f".encode())
+            numeric = pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+            h.update(s.to_numpy(np.float64).tobytes() if numeric else "\x1f".join(map(str, s)).encode())
+        return h.hexdigest()
 
     def __repr__(self) -> str:
         return (f"ChoiceData({self.n_rows} rows, {self.n_situations} situations, {self.n_units} "

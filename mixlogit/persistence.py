@@ -1,34 +1,100 @@
-"""Results files: JSON written atomically, never replacing an existing file unless asked to."""
+"""Results files and folders, written atomically and never replacing what mixlogit did not write unless asked.
+
+- :func:`write_json` writes one file through a temporary file in the same folder and a rename: an interrupted
+  write (even SIGKILL) leaves the old file or the new one.
+- :func:`replace_folder` writes a set of files (results.json, params.csv, summary.txt; a report and its plots) as
+  a unit: into a fresh hidden sibling folder, which then takes the place of the folder. Files in the folder that
+  the set does not replace (the user's own files, or a fit's files under its report) are carried over unchanged
+  (hard links, or copies where the file system has none); the files the set replaces, such as an old model's
+  report and plots, are gone from the new folder. The swap is one atomic exchange of the two folders
+  (``renameat2`` with ``RENAME_EXCHANGE`` on Linux), so a kill at any moment leaves the old complete set or the
+  new one. Where the system has no atomic exchange the folder is renamed aside and the new one renamed in; a
+  kill between those two renames leaves the old set in the hidden sibling ``.NAME.old-*``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
+import shutil
+import stat
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from .validation import check_bool
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _user_mode(existing: Path | None, base: int = 0o666) -> int:
+    """The mode open() would give: an existing file keeps its own, a new one gets ``base & ~umask``."""
+    if existing is not None and existing.exists():
+        return stat.S_IMODE(existing.stat().st_mode)
+    return base & ~_umask()
+
+
+def _target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: a symlink is followed to its target; anything that exists and is
+    not a regular file (folder, device node, FIFO, socket) is refused, naming ``path``."""
+    real = path.resolve() if path.is_symlink() else path
+    if real.exists() or real.is_symlink():
+        if real.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'results.json'}")
+        if not real.is_file():
+            raise FileExistsError(f"{path} exists and is not a regular file (a device, FIFO or socket); "
+                                  "mixlogit writes only regular files: choose another path")
+    elif path.is_symlink():
+        raise FileNotFoundError(f"{path} is a symlink to {os.readlink(path)}, which does not exist")
+    return real
+
+
+def _os_error(e: OSError, path: Path, what: str) -> OSError:
+    """``e`` reworded to name the user's ``path`` (never the hidden temporary file)."""
+    return type(e)(e.errno, f"cannot {what} {path}: {e.strerror or e}")
 
 
 def write_json(path: str | os.PathLike, payload: dict, overwrite: bool = False, indent: int | None = None) -> Path:
     """Write ``payload`` to ``path`` through a temporary file, so an interrupted write leaves no half file.
 
-    Refuses to replace an existing file unless ``overwrite=True``; creates missing parent folders.
+    Refuses to replace an existing file unless ``overwrite=True``, and refuses always a target that is not a
+    regular file (a folder, device node or FIFO). A symlink is written through: the file it points to is
+    replaced and the link stays. The file gets the user's normal permissions, as ``open()`` would give it (an
+    existing file keeps its mode). Creates missing parent folders. Errors name ``path``.
     """
+    check_bool("overwrite", overwrite)
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file name such as {path / 'results.json'}")
-    if path.exists() and not overwrite:
+    real = _target(path)
+    if real.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh temporary name in the same folder (so the final rename is atomic and no user file is touched).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    text = json.dumps(payload, indent=indent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(payload, indent=indent))
-        os.replace(tmp, path)
-    except BaseException:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        mode = _user_mode(real)
+        # A fresh temporary name in the same folder (so the final rename is atomic and no user file is touched).
+        fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _os_error(e, path, "write") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, real)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _os_error(e, path, "write") from None
         raise
     return path
 
@@ -41,10 +107,87 @@ def existing(folder: str | os.PathLike, names) -> list[Path]:
 
 def refuse_to_overwrite(folder: str | os.PathLike, names, overwrite: bool) -> None:
     """Raise FileExistsError naming every one of ``folder/names`` that exists, unless ``overwrite`` is True."""
-    present = [] if overwrite else existing(folder, names)
+    present = [] if check_bool("overwrite", overwrite) else existing(folder, names)
     if present:
         raise FileExistsError(f"{folder} already holds {', '.join(p.name for p in present)}; pass overwrite=True "
                               "(--overwrite on the command line) to replace them, or choose another folder")
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2``); False where the system or file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def replace_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite: bool) -> Iterator[Path]:
+    """Write a set of files into ``folder`` as a unit (see the module's notes): yields a fresh empty folder to
+    write them into; when the block ends without an error, that folder takes the place of ``folder``.
+
+    ``replaces`` names the files of the set and any others mixlogit writes that the new set makes stale (a
+    previous model's report and plots). If ``folder`` holds one of them, it is refused unless ``overwrite=True``;
+    with it they are gone from the new folder. Everything else there is carried over unchanged. On an error
+    ``folder`` is left as it was. Returns through the block; errors name ``folder``.
+    """
+    check_bool("overwrite", overwrite)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder")
+    replaces = list(dict.fromkeys(replaces))
+    refuse_to_overwrite(folder, replaces, overwrite)
+    real = folder.resolve()
+    try:
+        real.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}.tmp"))
+    except OSError as e:
+        raise _os_error(e, folder, "write into") from None
+    try:
+        os.chmod(tmp, _user_mode(real if real.is_dir() else None, 0o777))
+        yield tmp
+        if real.is_dir():
+            for entry in os.scandir(real):
+                if entry.name in replaces:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.copytree(entry.path, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                elif entry.is_symlink():
+                    os.symlink(os.readlink(entry.path), tmp / entry.name)
+                else:
+                    _link_or_copy(entry.path, str(tmp / entry.name))
+            if _exchange(tmp, real):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}.old-"))
+                os.replace(real, old)
+                os.replace(tmp, real)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, real)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, FileExistsError):
+            raise _os_error(e, folder, "write into") from None
+        raise
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -72,6 +72,7 @@ class MixedLogitResults(FitResults):
 
     FORMAT = FORMAT
     DESCRIPTION = "mixlogit results file"
+    FINITE_FIELDS = ("theta", "loglik", "null_loglik", "hessian", "meat")
     JSON_INDENT = 1
 
     def __init__(self, *, model, spec: Spec, theta, loglik, null_loglik, hessian, meat, n_obs, n_units,

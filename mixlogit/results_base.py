@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .data import ChoiceData, Design, require_choice_data
+from .diagnostics.statistics import check_level
 from .persistence import write_json
 from .spec import Spec
 
@@ -27,10 +28,26 @@ FORMAT_VERSION = 1
 
 
 def check_alpha(alpha) -> float:
-    """An interval's error rate strictly between 0 and 1."""
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    return float(alpha)
+    """An interval's error rate: a number (not a bool or text such as "0.05") strictly between 0 and 1."""
+    return check_level(alpha, "alpha")
+
+
+def require_finite(d: dict, fields) -> None:
+    """Every number in the fields ``fields`` of a results dict (those present and not null) must be finite; the
+    error names the field (JSON written by Python holds NaN and Infinity as bare tokens, read back as floats)."""
+    for name in fields:
+        if d.get(name) is None:
+            continue
+        try:
+            a = np.asarray(d[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"the field {name!r} does not hold numbers") from None
+        bad = ~np.isfinite(a)
+        if bad.any():
+            where = "" if a.ndim == 0 else f" at position {tuple(int(i) for i in np.argwhere(bad)[0])}"
+            what = "NaN (or null)" if np.isnan(a[bad]).any() else "an infinite value"
+            raise ValueError(f"the field {name!r} holds {what}{where} ({int(bad.sum())} such entries); "
+                             "a results file holds finite estimates")
 
 
 class FitResults:
@@ -44,6 +61,8 @@ class FitResults:
 
     FORMAT: ClassVar[str]
     DESCRIPTION: ClassVar[str]
+    #: The JSON fields that hold estimates, which must be finite when a file is read back.
+    FINITE_FIELDS: ClassVar[tuple[str, ...]] = ()
     #: Indentation of the JSON file (None: one line).
     JSON_INDENT: ClassVar[int | None] = None
 
@@ -156,6 +175,7 @@ class FitResults:
         rebuilds it from ``d["model"]`` (:func:`mixlogit.load` passes :class:`~mixlogit.model.MixedLogit`)."""
         if d.get("format") != cls.FORMAT:
             raise ValueError(f"not a {cls.DESCRIPTION} (format {d.get('format')!r})")
+        require_finite(d, cls.FINITE_FIELDS)
         spec = Spec(**d["spec"])
         if isinstance(model, type):
             model = model(**d["model"])

@@ -35,8 +35,9 @@ def wide_to_long(
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     keep = list(keep or [])
+    require_columns(df, {"choice": choice, **({"situation": situation} if situation is not None else {}),
+                         **{f"keep[{i}]": k for i, k in enumerate(keep)}})
     sit = df[situation].to_numpy() if situation is not None else np.arange(len(df))
-    require_columns(df, {"choice": choice, **{f"keep[{i}]": k for i, k in enumerate(keep)}})
     def is_alt(a) -> np.ndarray:
         # Numeric codes compare as numbers (1.0 == 1 after read_csv), anything else by its text.
         col = df[choice]
@@ -61,11 +62,15 @@ def wide_to_long(
                 part[name] = 0.0  # attribute absent for this alternative
                 continue
             if col not in df.columns:
-                raise ChoiceDataError(f"column {col!r} (attribute {name!r}, alternative {a!r}) is not in the table")
+                raise ChoiceDataError(f"column {col!r} (attribute {name!r}, alternative {a!r}) is not in the table; "
+                                      f"columns are: {', '.join(map(str, df.columns))}")
             part[name] = df[col].to_numpy()
         if avail is not None:
-            if a not in avail or avail[a] not in df.columns:
-                raise ChoiceDataError(f"avail has no existing column for alternative {a!r}")
+            if a not in avail:
+                raise ChoiceDataError(f"avail has no existing column for alternative {a!r} (it names none)")
+            if avail[a] not in df.columns:
+                raise ChoiceDataError(f"column {avail[a]!r} (avail, alternative {a!r}) is not in the table; columns "
+                                      f"are: {', '.join(map(str, df.columns))}")
             part["avail"] = df[avail[a]].to_numpy()
         for k in keep:
             part[k] = df[k].to_numpy()

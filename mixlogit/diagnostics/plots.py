@@ -15,7 +15,7 @@ import torch
 
 from ..data import ChoiceData
 from ..moments import marginal_transform
-from ..persistence import refuse_to_overwrite
+from ..persistence import replace_folder
 from ..spec import Spec
 
 PLOT_FILES = ("densities.png", "forest.png", "individual.png")
@@ -67,7 +67,8 @@ def _central_range(spec: Spec, theta: np.ndarray, k: int) -> np.ndarray:
 def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 200, seed: int = 0,
                        level: float = 0.9, overwrite: bool = False) -> dict[str, Path]:
     """Write the heterogeneity plots of a result as PNG files into ``out_dir`` and return their paths.
-    Existing plots there are replaced only with ``overwrite=True``.
+    Existing plots there are replaced only with ``overwrite=True``; the plots are written as a unit (all of the
+    new ones, or the old ones after an interruption), and a previous model's plot this one lacks is removed.
 
     - ``densities.png``: the implied density of every random coefficient (median over ``n`` parameter draws)
       with a pointwise ``level`` band (posterior draws, or the asymptotic normal for MSL);
@@ -75,12 +76,19 @@ def plot_heterogeneity(res, out_dir, data: ChoiceData | None = None, n: int = 20
     - ``individual.png``: individual-level estimates (posterior means of each unit's coefficients; for MSL the
       conditional means of Revelt and Train, which need ``data``) against the population density.
     """
+    out = Path(out_dir)
+    with replace_folder(out, PLOT_FILES, overwrite) as tmp:
+        paths = draw_plots(res, tmp, data=data, n=n, seed=seed, level=level)
+    return {k: out / p.name for k, p in paths.items()}
+
+
+def draw_plots(res, out: Path, data: ChoiceData | None = None, n: int = 200, seed: int = 0,
+               level: float = 0.9) -> dict[str, Path]:
+    """Draw the plots of :func:`plot_heterogeneity` into the folder ``out`` as they are (no overwrite check;
+    :func:`plot_heterogeneity` and the report call it inside a folder written as a unit)."""
     import arviz as az
 
     spec = res.spec
-    out = Path(out_dir)
-    refuse_to_overwrite(out, PLOT_FILES, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     center = res.theta
     names = spec.random_names

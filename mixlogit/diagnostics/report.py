@@ -9,13 +9,15 @@ from pathlib import Path
 import pandas as pd
 
 from ..data import ChoiceData
-from ..persistence import refuse_to_overwrite
+from ..persistence import replace_folder
 from ..tables import markdown_table
 from .arviz import loo_table
-from .plots import PLOT_FILES, plot_heterogeneity
+from .plots import PLOT_FILES, draw_plots
 from .statistics import STATS
 
 REPORT_FORMATS = ("md", "html")
+#: The report files :func:`write_report` writes (one of them, with the plots).
+REPORT_FILES = tuple(f"report.{f}" for f in REPORT_FORMATS)
 
 
 def heterogeneity_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -30,13 +32,19 @@ def write_report(res, out_dir, data: ChoiceData | None = None, fmt: str = "md", 
                  overwrite: bool = False) -> Path:
     """Write the plots and ``report.md`` (or ``report.html``) with the summary, heterogeneity and (with data)
     leave-one-out tables into ``out_dir``; return the report's path. Existing report files there are replaced
-    only with ``overwrite=True``."""
+    only with ``overwrite=True``. The report and its plots are written as a unit
+    (:func:`mixlogit.persistence.replace_folder`): an interruption leaves the old report and plots or the new
+    ones; other files in ``out_dir`` (such as the fit's results) stay."""
     if fmt not in REPORT_FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; accepted: {', '.join(REPORT_FORMATS)}")
     out = Path(out_dir)
-    refuse_to_overwrite(out, (f"report.{fmt}", *PLOT_FILES), overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = plot_heterogeneity(res, out, data=data, level=level, overwrite=True)
+    with replace_folder(out, (f"report.{fmt}", *PLOT_FILES), overwrite) as tmp:
+        path = _write(res, tmp, data, fmt, level)
+    return out / path.name
+
+
+def _write(res, out: Path, data: ChoiceData | None, fmt: str, level: float) -> Path:
+    plots = draw_plots(res, out, data=data, level=level)
     title = f"mixlogit report: {res.settings.get('method', 'msl').upper()}"
     het = res.heterogeneity(level=level) if res.spec.n_random else None
     loo = loo_table(res.to_arviz(data=data)) if data is not None else None

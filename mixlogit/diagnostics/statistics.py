@@ -80,10 +80,13 @@ def stats_over_draws(spec: Spec, theta_draws: np.ndarray) -> np.ndarray:
             return np.stack([coefficient_stats(spec, t).numpy() for t in th])
 
 
-def check_level(level) -> float:
-    """An interval level strictly between 0 and 1."""
+def check_level(level, name: str = "level") -> float:
+    """An interval level (or, named ``alpha``, an error rate): a number, not a bool or text such as "0.9",
+    strictly between 0 and 1."""
+    if isinstance(level, bool) or not isinstance(level, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in (0, 1), got {type(level).__name__} {level!r}")
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise ValueError(f"{name} must be in (0, 1), got {level}")
     return float(level)
 
 

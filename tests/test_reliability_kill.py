@@ -1,0 +1,148 @@
+"""A fit killed with SIGKILL at a random moment leaves its ``--out`` folder holding either the old complete set of
+files or the new one, never a mix or a partial file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import mixlogit as ml
+
+FILES = ("results.json", "params.csv", "summary.txt")
+ROLES = ["--choice", "choice", "--alt", "alt", "--situation", "situation", "--panel", "person"]
+MODEL = ["--random", "x1=normal", "--fixed", "x2", "--draws", "20"]
+
+
+@pytest.fixture(scope="module")
+def sim_csv(tmp_path_factory):
+    """A small simulated panel (a fit takes about a second)."""
+    path = tmp_path_factory.mktemp("csv") / "sim.csv"
+    ml.simulate(n_persons=60, n_situations=4, n_alts=3, random={"x1": ("normal", 1.0, 0.5)}, fixed={"x2": -1.0},
+                seed=11).df.to_csv(path, index=False)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- SIGKILL
+#: A process that imports mixlogit once and runs each command line it reads (JSON, one a line) in a forked child,
+#: printing the child's pid and then its exit status: the kills fall in the fit and the save, not in Python's
+#: start (a fork is a whole process, killed by SIGKILL like any other).
+LAUNCHER = """
+import json, os, sys
+from mixlogit.cli import main
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        try:
+            code = main(json.loads(line))
+        except BaseException:
+            code = 3
+        os._exit(code)
+    print(pid, flush=True)
+    print("done", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Launcher:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.buffer = b""
+
+    def line(self, timeout: float) -> str | None:
+        """The next line the launcher prints, or None if none comes within ``timeout`` seconds."""
+        end = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            assert chunk, "the launcher ended"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    def start(self, argv: list[str]) -> int:
+        self.proc.stdin.write((json.dumps(argv) + "\n").encode())
+        self.proc.stdin.flush()
+        return int(self.line(120))
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _fit_argv(csv, out, seed):
+    return ["fit", str(csv), *ROLES, *MODEL, "--seed", str(seed), "--out", str(out), "--overwrite"]
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _temporaries(out: Path) -> set[str]:
+    return {n for n in os.listdir(out.parent) if n.startswith(f".{out.name}.")}
+
+
+def _is_complete_new_set(out: Path, files: dict[str, bytes]) -> bool:
+    if set(files) != set(FILES):
+        return False
+    res = ml.load(out / "results.json")
+    return (files["summary.txt"].decode() == res.summary() + "\n"
+            and files["params.csv"].decode() == res.summary_frame().to_csv())
+
+
+def test_sigkill_during_fit_leaves_the_old_set_or_the_new_one(sim_csv, tmp_path):
+    """Ten SIGKILLs at seeded random moments of ``mixlogit fit --overwrite``: some anywhere in the run, some
+    just after the new set's temporary folder appears (during the save). Each time the folder holds the old set
+    byte for byte or a complete, consistent new set."""
+    out = tmp_path / "out"
+    launcher = Launcher()
+    try:
+        launcher.start(_fit_argv(sim_csv, out, 0))
+        t0 = time.monotonic()  # after the launcher's imports
+        assert launcher.line(120) == "done 0"
+        run_time = time.monotonic() - t0
+        rng = random.Random(2024)
+        outcomes, during_save = [], 0
+        for i in range(10):
+            old = _files(out)
+            before = _temporaries(out)
+            pid = launcher.start(_fit_argv(sim_csv, out, i + 1))
+            if i % 3 == 1:  # during the save: as soon as the new set's temporary folder exists, plus 0-20 ms
+                end = time.monotonic() + 60
+                while not (_temporaries(out) - before) and time.monotonic() < end:
+                    time.sleep(0.0002)
+                time.sleep(rng.uniform(0.0, 0.02))
+            else:
+                time.sleep(rng.uniform(0.0, 1.2 * run_time))
+            saving = bool(_temporaries(out) - before)
+            status = launcher.line(0)  # the fit may have ended (and its pid been reaped) already
+            if status is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                status = launcher.line(60)
+            assert status in ("done -9", "done 0"), status
+            during_save += saving and status == "done -9"
+            now = _files(out)
+            assert not any(n.startswith(".") for n in now), now.keys()
+            if now == old:
+                outcomes.append("old")
+            else:
+                assert _is_complete_new_set(out, now), f"kill {i}: a mix of sets or a partial file: {sorted(now)}"
+                outcomes.append("new")
+    finally:
+        launcher.close()
+    assert during_save >= 1, outcomes
+    assert _is_complete_new_set(out, _files(out))
