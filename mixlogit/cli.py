@@ -15,7 +15,7 @@ from .diagnostics.report import REPORT_FILES
 from .draws import DRAW_TYPES
 from .loading import load
 from .model import MixedLogit
-from .persistence import existing, replace_folder
+from .persistence import check_folder, existing, replace_folder
 
 #: The files ``mixlogit fit`` writes into its ``--out`` folder.
 RESULT_FILES = ("results.json", "params.csv", "summary.txt")
@@ -233,6 +233,7 @@ def cmd_fit(args) -> int:
     if present and not args.overwrite:
         raise SystemExit(f"{', '.join(map(str, present))} exist; pass --overwrite to replace them or choose another "
                          "--out")
+    check_folder(out, FIT_REPLACES, args.overwrite)  # the rest of what the save would refuse, before the fit
     data, random, fixed = _load_data(args)
     correlated = False
     if args.correlated == "all":

@@ -6,7 +6,8 @@
   a unit: into a fresh hidden sibling folder, which then takes the place of the folder. Files in the folder that
   the set does not replace (the user's own files, or a fit's files under its report) are carried over unchanged
   (hard links, or copies where the file system has none); the files the set replaces, such as an old model's
-  report and plots, are gone from the new folder. The swap is one atomic exchange of the two folders
+  report and plots, are gone from the new folder. A folder holding a subfolder or special file mixlogit did not
+  write, or the current folder, is refused rather than copied or swapped away. The swap is one atomic exchange of the two folders
   (``renameat2`` with ``RENAME_EXCHANGE`` on Linux), so a kill at any moment leaves the old complete set or the
   new one. Where the system has no atomic exchange the folder is renamed aside and the new one renamed in; a
   kill between those two renames leaves the old set in the hidden sibling ``.NAME.old-*``.
@@ -139,22 +140,50 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-@contextlib.contextmanager
-def replace_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite: bool) -> Iterator[Path]:
-    """Write a set of files into ``folder`` as a unit (see the module's notes): yields a fresh empty folder to
-    write them into; when the block ends without an error, that folder takes the place of ``folder``.
+def _foreign(entry: os.DirEntry) -> bool:
+    """Whether a folder entry that a new set does not replace cannot be carried over: only regular files and
+    symlinks are (a folder would have to be copied whole; a FIFO or device cannot be copied)."""
+    return not (entry.is_symlink() or entry.is_file(follow_symlinks=False))
 
-    ``replaces`` names the files of the set and any others mixlogit writes that the new set makes stale (a
-    previous model's report and plots). If ``folder`` holds one of them, it is refused unless ``overwrite=True``;
-    with it they are gone from the new folder. Everything else there is carried over unchanged. On an error
-    ``folder`` is left as it was. Returns through the block; errors name ``folder``.
-    """
+
+def check_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite: bool) -> None:
+    """Refuse, before any work, what :func:`replace_folder` would refuse: ``folder`` is a file, holds a file of
+    ``replaces`` without ``overwrite=True``, holds a folder or special file it would have to carry over, or is
+    (or holds) the current folder, which the swap would leave deleted under the running process."""
     check_bool("overwrite", overwrite)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder")
     replaces = list(dict.fromkeys(replaces))
     refuse_to_overwrite(folder, replaces, overwrite)
+    if not folder.is_dir():
+        return
+    real = folder.resolve()
+    if Path.cwd() == real or real in Path.cwd().parents:
+        raise FileExistsError(f"{folder} is the current folder (or holds it); a results folder is replaced as a unit, "
+                              "so give a folder below it, such as results")
+    odd = sorted(e.name for e in os.scandir(real) if e.name not in replaces and _foreign(e))
+    if odd:
+        raise FileExistsError(f"{folder} holds {', '.join(odd)}, which mixlogit did not write and does not carry "
+                              "over (only plain files are kept when the folder is rewritten as a unit): move "
+                              f"{'it' if len(odd) == 1 else 'them'} or choose another folder")
+
+
+@contextlib.contextmanager
+def replace_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite: bool) -> Iterator[Path]:
+    """Write a set of files into ``folder`` as a unit (see the module's notes): yields a fresh empty folder to
+    write them into; when the block ends without an error, that folder takes the place of ``folder`` (a symlink
+    to a folder is followed: the folder it points to is replaced).
+
+    ``replaces`` names the files of the set and any others mixlogit writes that the new set makes stale (a
+    previous model's report and plots). If ``folder`` holds one of them, it is refused unless ``overwrite=True``;
+    with it they are gone from the new folder. Other plain files and symlinks there are carried over unchanged;
+    a folder, a special file or the current folder is refused (:func:`check_folder`). On an error ``folder`` is
+    left as it was. Errors name ``folder``.
+    """
+    check_folder(folder, replaces, overwrite)
+    folder = Path(folder)
+    replaces = set(replaces)
     real = folder.resolve()
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
@@ -168,9 +197,10 @@ def replace_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite
             for entry in os.scandir(real):
                 if entry.name in replaces:
                     continue
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.copytree(entry.path, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
-                elif entry.is_symlink():
+                if _foreign(entry):
+                    raise FileExistsError(f"{folder} now holds {entry.name}, which mixlogit does not carry over; "
+                                          "the folder is left as it was")
+                if entry.is_symlink():
                     os.symlink(os.readlink(entry.path), tmp / entry.name)
                 else:
                     _link_or_copy(entry.path, str(tmp / entry.name))

@@ -157,6 +157,26 @@ def test_replace_folder_swaps_the_set_and_keeps_other_files(tmp_path):
     assert (out / "a.txt").read_text() == "2" and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden folder left
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    (out / "sub").mkdir()
+    os.mkfifo(out / "pipe")
+    with pytest.raises(FileExistsError, match=rf"{out} holds pipe, sub, which mixlogit did not write and does not "
+                                              r"carry over \(only plain files are kept .*\): move them"):
+        replace_folder(out, ["a.txt"], overwrite=True).__enter__()
+    (out / "pipe").unlink()
+    link = tmp_path / "link"
+    link.symlink_to(out)  # a symlink to a folder: the folder it points to is replaced, the link stays
+    with replace_folder(link, ["a.txt", "sub"], overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("3")
+    assert link.is_symlink() and (out / "a.txt").read_text() == "3" and not (out / "sub").exists()
+
+
+def test_the_current_folder_is_refused(sim_csv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match=r"\. is the current folder \(or holds it\); a results folder is replaced "
+                                              r"as a unit, so give a folder below it"):
+        replace_folder(".", ["a"], overwrite=False).__enter__()
+    assert fit(sim_csv, tmp_path.parent) == 2
+    assert f"{tmp_path.parent} is the current folder (or holds it)" in capsys.readouterr().err
 
 
 def test_fit_overwrite_removes_the_old_report_and_keeps_user_files(sim_csv, tmp_path):
