@@ -30,6 +30,12 @@ def first_label(index: pd.Index, mask: np.ndarray) -> object:
     return plain_value(index[np.flatnonzero(mask)[0]])
 
 
+def first_value(s: pd.Series, mask: np.ndarray) -> object:
+    """The value of ``s`` in the first row where ``mask`` is True, found by position (an index that repeats a
+    label would give a Series by label)."""
+    return plain_value(s.iloc[np.flatnonzero(mask)[0]])
+
+
 REQUIRED_ROLES = ("choice", "alt", "situation")
 
 
@@ -73,9 +79,10 @@ def _numeric_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
             row = first_label(df.index, missing)
             raise ChoiceDataError(f"{role} column {col!r} is missing in row {row!r} ({int(missing.sum())} such "
                                   "rows); fill or drop them first")
-        row = first_label(df.index, bad) if bad.any() else df.index[0]
+        bad = bad if bad.any() else np.arange(len(s)) == 0
+        row = first_label(df.index, bad)
         raise ChoiceDataError(
-            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {plain_value(s.loc[row])!r}. "
+            f"{role} column {col!r} is not numeric (dtype {s.dtype}); row {row!r} holds {first_value(s, bad)!r}. "
             "Encode categories as numeric dummies."
         )
     v = s.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -96,7 +103,8 @@ def _binary_column(df: pd.DataFrame, col: str, role: str) -> np.ndarray:
         if mapped.isna().any():
             row = first_label(df.index, mapped.isna().to_numpy())
             raise ChoiceDataError(
-                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds {plain_value(s.loc[row])!r}"
+                f"{role} column {col!r} must hold 0/1 or True/False; row {row!r} holds "
+                f"{first_value(s, mapped.isna().to_numpy())!r}"
             )
         v = mapped.to_numpy(dtype=np.float64)
     else:

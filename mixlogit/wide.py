@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .data import ChoiceDataError, first_label, plain_value, require_columns
+from .data import ChoiceDataError, first_label, first_value, require_columns
 
 
 def wide_to_long(
@@ -49,7 +49,7 @@ def wide_to_long(
     if bad.any():
         row = first_label(df.index, bad)
         raise ChoiceDataError(
-            f"choice column {choice!r} holds {plain_value(df[choice].loc[row])!r} in row {row!r}, which is not one of the "
+            f"choice column {choice!r} holds {first_value(df[choice], bad)!r} in row {row!r}, which is not one of the "
             f"alternatives {alternatives!r}"
         )
     parts = []

@@ -338,6 +338,22 @@ def test_duplicate_rows_name_the_labels_even_with_a_repeated_index(sim):
         ml.ChoiceData.from_long(df, choice="choice", alt="alt", situation="situation")
     assert str(e.value) == ("alternative 0 appears twice in situation 0 (row 0); column 'alt' must be unique "
                             "within column 'situation'")
+    df = pd.concat([sim.df.iloc[:3], sim.df.iloc[3:6]])  # index 0..5 but repeat labels below
+    df.index = [0, 1, 2, 0, 1, 2]
+    bad = df.assign(choice=["x", 0, 0, 1, 0, 0])
+    with pytest.raises(ChoiceDataError) as e:
+        ml.ChoiceData.from_long(bad, choice="choice", alt="alt", situation="situation")
+    assert str(e.value) == "choice column 'choice' must hold 0/1 or True/False; row 0 holds 'x'"
+    data = ml.ChoiceData.from_long(df.assign(x1=["a", 1, 2, 3, 4, 5]), choice="choice", alt="alt",
+                                   situation="situation")
+    with pytest.raises(ChoiceDataError) as e:
+        ml.MixedLogit(fixed=["x1"]).fit(data)
+    assert "row 0 holds 'a'" in str(e.value)
+    wide = pd.DataFrame({"t_a": [1.0, 2.0], "t_b": [3.0, 4.0], "pick": ["a", "c"]}, index=[7, 7])
+    with pytest.raises(ChoiceDataError) as e:
+        wide_to_long(wide, ["a", "b"], {"t": "t_{alt}"}, choice="pick")
+    assert str(e.value) == ("choice column 'pick' holds 'c' in row 7, which is not one of the alternatives "
+                            "['a', 'b']")
 
 
 def test_duplicate_column_names_are_refused(sim):
