@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from mixlogit.validation import check_count, check_non_negative, check_positive
+from mixlogit.validation import check_bool, check_count, check_non_negative, check_positive
 
 from .losses import check_objective
 from .strength import default_strength_init, parse_strength_init, strength_class
@@ -85,6 +85,7 @@ class MixDPOConfig(DPOConfig):
         if self.strength_learning_rate is not None:
             check_non_negative("strength_learning_rate", self.strength_learning_rate)
         check_count("strength_nodes", self.strength_nodes, allow_none=True)
+        check_bool("strength_fix_mean", self.strength_fix_mean)
         try:
             check_positive("beta", self.beta)
         except ValueError as e:

@@ -45,7 +45,7 @@ import inspect
 import json
 from typing import Any
 
-from mixlogit.validation import check_finite
+from mixlogit.validation import check_bool, check_finite
 
 from .strength_base import DEFAULT_NODES, FLOAT_DTYPES, Strength, StrengthPosterior, check_margin
 from .strength_families import GammaStrength, LogNormalStrength, PointStrength
@@ -142,6 +142,7 @@ def default_strength_init(
         Dict of family parameters.
     """
     cls = strength_class(family)
+    fix_mean = check_bool("fix_mean", fix_mean)
     init = dict(init or {})
     unknown = sorted(set(init) - set(cls.param_names))
     if unknown:
@@ -168,6 +169,7 @@ def build_strength(
     a family that is ``fixed_in_training`` (the point mass: DPO's beta) gets its parameters frozen.
     """
     cls = STRENGTHS.get(family)
+    fix_mean = check_bool("fix_mean", fix_mean)
     kwargs: dict[str, Any] = {"init": init, "integrator": integrator, "nodes": nodes}
     if cls is not None and cls.supports_fix_mean:
         kwargs.update(fix_mean=fix_mean, mean=mean if fix_mean else None)

@@ -23,7 +23,7 @@ from torch import nn
 from mixlogit.closed_forms import DEFAULT_TERMS
 from mixlogit.draws import deterministic_rule
 from mixlogit.kernel import conditional_loglik, log_mixed_prob, posterior_draw_weights
-from mixlogit.validation import check_count, check_positive_number
+from mixlogit.validation import check_bool, check_count, check_positive_number
 
 #: Default number of nodes (or draws, or series terms) per integrator.
 DEFAULT_NODES = {"gauss-hermite": 16, "quadrature": 128, "mc": 16, "qmc": 16, "closed-form": DEFAULT_TERMS,
@@ -250,7 +250,9 @@ class Strength(nn.Module):
     def error_estimate(self, margin: torch.Tensor) -> torch.Tensor:
         """Estimated absolute error of :meth:`log_prob_preferred` for deterministic rules, elementwise.
 
-        The difference between the rule and its half-resolution companion: it estimates the companion's error and
+        The difference between the rule and its half-resolution companion (strictly fewer nodes, see
+        :attr:`error_estimate_nodes`; a rule without one is refused with the reason rather than report a false
+        0, and the nodes it states are :attr:`nodes_used`): it estimates the companion's error and
         bounds this rule's (which converges faster) for the composite "quadrature" rule, pointwise. Gauss-Hermite
         errors oscillate in the margin, so there it bounds only the worst case over a range of margins. For the
         Gamma closed form it is the series' truncation bound ``4 / (3 + sqrt 8)^N`` (rounding comes on top:
@@ -265,6 +267,13 @@ class Strength(nn.Module):
                 f"not {self.integrator!r}: a simulation's error is its standard error across seeds"
             )
 
+        if self._coarse_nodes is None:
+            raise ValueError(
+                f"error_estimate is not available for the {self.integrator!r} rule with {self.nodes_used} nodes"
+                f"{self._requested_note()}: {self._coarse_reason} (comparing the rule with itself would give a "
+                f"false 0){self._min_estimable_nodes()}"
+            )
+
         def diff(h):
             fine = self.log_prob_marginal(h)
             cond, _, log_w = self._cond(h, coarse=True)
@@ -276,6 +285,18 @@ class Strength(nn.Module):
     def forward(self, margin: torch.Tensor) -> torch.Tensor:
         return self.log_prob_preferred(margin)
 
+    def check_parameters(self, where: str = "") -> None:
+        """Raise a ValueError naming every parameter of the strength that is not finite (NaN or inf), stored
+        (``log_sigma``) or on the family's scale (``sigma``); ``where`` says where they came from."""
+        with torch.no_grad():
+            stored = [(n, t) for n, t in (*self.named_parameters(), *self.named_buffers())
+                      if t.numel() == 1 and t.dtype.is_floating_point]
+            bad = [f"{n} = {float(t)}" for n, t in stored if not bool(torch.isfinite(t))]
+            bad += [f"{k} = {v}" for k, v in self.family_params().items()
+                    if not math.isfinite(v) and f"{k} = {v}" not in bad]
+        if bad:
+            raise ValueError(f"the {self.family} strength{where} has non-finite parameters: {', '.join(bad)}")
+
     def check_range(self, dtype: torch.dtype = torch.float32) -> None:
         """Raise a ValueError when E[beta] is not finite in ``dtype``, the working dtype of the margins.
 
@@ -283,6 +304,7 @@ class Strength(nn.Module):
         with the mean: a strength whose mean overflows the working dtype (e.g. a lognormal ``mu`` above about 88
         in float32, 709 in float64) cannot give finite results. The error names the parameters and the limit.
         """
+        self.check_parameters()
         with torch.no_grad():
             mean = self.mean().detach()
             finite = bool(torch.isfinite(mean.to(torch.float64)) & torch.isfinite(mean.to(dtype)))
@@ -302,7 +324,39 @@ class Strength(nn.Module):
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v:.4g}" for k, v in self.family_params().items())
         return (f"{params}, mean={float(self.mean().detach()):.4g}, cv={float(self.cv().detach()):.4g}, "
-                f"integrator={self.integrator!r}, nodes={self.nodes}")
+                f"integrator={self.integrator!r}, nodes={self.nodes_used}{self._requested_note()}")
+
+    # ------------------------------------------------------------------ the nodes actually used
+    #: Node counts of a deterministic rule and of its strictly coarser companion (None: there is none); set by
+    #: :meth:`_register_normal_rule`.
+    _rule_nodes: int | None = None
+    _coarse_nodes: int | None = None
+    _coarse_reason: str = ""
+
+    @property
+    def nodes_used(self) -> int:
+        """The nodes the integrator actually uses: a deterministic rule may round the requested ``nodes`` (the
+        composite rule uses whole panels of 8 nodes, at least 2 panels; Gauss-Hermite at least 2 nodes)."""
+        return self.nodes if self._rule_nodes is None else self._rule_nodes
+
+    @property
+    def error_estimate_nodes(self) -> tuple[int, int] | None:
+        """``(nodes, companion nodes)`` of :meth:`error_estimate` for a deterministic rule; None where the rule has
+        no strictly coarser companion (and so no honest estimate)."""
+        if self._coarse_nodes is None:
+            return None
+        return self.nodes_used, self._coarse_nodes
+
+    def _requested_note(self) -> str:
+        return "" if self.nodes_used == self.nodes else f" (requested {self.nodes})"
+
+    def _min_estimable_nodes(self) -> str:
+        """Advice naming the smallest ``nodes`` (up to 64) whose rule has a strictly coarser companion."""
+        for n in range(self.nodes + 1, 65):
+            rule = deterministic_rule(self.integrator, n, 1)
+            if rule.coarse is not None and rule.coarse.n_points < rule.n_points:
+                return f"; pass nodes >= {n}"
+        return ""
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _initial_location(self, name: str, value, mean, fix_mean: bool, dtype, *, check,
@@ -318,7 +372,7 @@ class Strength(nn.Module):
             raise ValueError(f"give either {name} or mean (E[beta]) for {type(self).__name__}, not both")
         if fix_mean and value is not None:
             raise ValueError(f"fix_mean=True pins E[beta]: pass mean=..., not {name}=...")
-        self.fix_mean = bool(fix_mean)
+        self.fix_mean = check_bool("fix_mean", fix_mean)
         if value is not None:
             return check(name, value)
         mean = check_positive_number("mean", 0.1 if mean is None else mean)
@@ -331,8 +385,17 @@ class Strength(nn.Module):
         rule = deterministic_rule(self.integrator, self.nodes, 1)
         self.register_buffer("_z", rule.z[0, :, 0].clone(), persistent=False)
         self.register_buffer("_log_w", rule.log_weights.clone(), persistent=False)
-        self.register_buffer("_z_coarse", rule.coarse.z[0, :, 0].clone(), persistent=False)
-        self.register_buffer("_log_w_coarse", rule.coarse.log_weights.clone(), persistent=False)
+        self._rule_nodes = rule.n_points
+        # The error estimate compares the rule with a companion: only a strictly coarser one says anything (the
+        # same rule would report a false 0). Without one the estimate is refused with the reason.
+        coarse = rule.coarse
+        if coarse is None or coarse.n_points >= rule.n_points:
+            self._coarse_reason = getattr(rule, "coarse_reason", None) or "no strictly coarser companion rule exists"
+            self._coarse_nodes, coarse = None, rule
+        else:
+            self._coarse_nodes = coarse.n_points
+        self.register_buffer("_z_coarse", coarse.z[0, :, 0].clone(), persistent=False)
+        self.register_buffer("_log_w_coarse", coarse.log_weights.clone(), persistent=False)
 
     def _cached(self, key, make):
         """Constant tensors (nodes, weights) converted once per dtype and device instead of on every call."""

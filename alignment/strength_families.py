@@ -22,7 +22,7 @@ from mixlogit.closed_forms import (
     log_expected_logistic_gamma,
 )
 from mixlogit.distributions import get_distribution, std_normal_icdf
-from mixlogit.validation import check_count, check_finite, check_positive_number
+from mixlogit.validation import check_bool, check_count, check_finite, check_positive_number
 
 from .strength_base import (
     DETERMINISTIC_INTEGRATORS,
@@ -63,7 +63,7 @@ class PointStrength(Strength):
                  nodes: int | None = None, dtype: torch.dtype = torch.float64):
         super().__init__(integrator, nodes, 0, None)
         b = torch.tensor(check_positive_number("beta", beta), dtype=check_float_dtype(dtype))
-        self.learnable = bool(learnable)
+        self.learnable = check_bool("learnable", learnable)
         if self.learnable:
             self.log_beta = nn.Parameter(torch.log(b))
         else:
