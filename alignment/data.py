@@ -16,13 +16,14 @@ Every check raises a ``ValueError`` that names the offending dataset, column or 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from mixlogit.validation import check_choice
+from mixlogit.validation import check_bool, check_choice
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -74,14 +75,12 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
             ) from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise ValueError(
-                    f"{path!r} holds the splits {sorted(ds)}, not {split!r}: pick one with `split`."
-                )
+                raise ValueError(f"{path!r} holds the splits {sorted(ds)}, not {split!r}: pick one with `split`.")
             ds = ds[split]
     elif os.path.isfile(path):
         rows: list[dict[str, Any]] = []
         lines: list[int] = []  # JSONL line number of each row, for error messages
-        with open(path, encoding="utf-8") as f:
+        with io.StringIO(_read_text(path)) as f:
             if path.endswith(".json"):
                 try:
                     rows = json.load(f)
@@ -113,6 +112,19 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
         )
     validate_preference_dataset(ds, name=path)
     return ds
+
+
+def _read_text(path: str) -> str:
+    """The file's text (UTF-8, with or without a byte-order mark); the error names the file and the first line
+    that is not UTF-8."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line, byte = data.count(b"\n", 0, e.start) + 1, data[e.start:e.start + 1]
+        raise ValueError(f"{path!r} line {line} is not UTF-8 text (byte {byte!r} at offset {e.start}): "
+                         "convert the file to UTF-8.") from None
 
 
 def _json_kind(value: Any) -> str | None:
@@ -255,6 +267,7 @@ def validate_preference_dataset(
             formats, a null value, a missing ``group_column``, or (with ``require_prompt``) no ``prompt``; the
             message names the column and row.
     """
+    check_bool("require_prompt", require_prompt)
     columns = getattr(dataset, "column_names", None)
     if columns is None:  # IterableDataset without resolved features, or a list of dicts
         try:
@@ -276,17 +289,15 @@ def validate_preference_dataset(
             "name of the subgroup or annotator column, or group_column=None."
         )
     kind = None
-    count = 0
+    count = empty = 0
     for i, example in enumerate(dataset):
         if i >= max_rows:
             break
         count += 1
         for key in ("prompt", "chosen", "rejected"):
             if key in example and example[key] is None:
-                raise ValueError(
-                    f"{name} row {i}: field {key!r} is null; every pair needs a prompt, a chosen and a "
-                    "rejected completion."
-                )
+                raise ValueError(f"{name} row {i}: field {key!r} is null; every pair needs a prompt, a chosen and "
+                                 "a rejected completion.")
         try:
             row_kind = detect_format(example)
         except ValueError as e:
@@ -294,14 +305,40 @@ def validate_preference_dataset(
         if kind is None:
             kind = row_kind
         elif row_kind != kind:
-            raise ValueError(
-                f"{name} row {i} is {row_kind} but row 0 is {kind}: all rows must share one format."
-            )
+            raise ValueError(f"{name} row {i} is {row_kind} but row 0 is {kind}: all rows must share one format.")
         if group_column is not None and example[group_column] is None:
             raise ValueError(f"{name} row {i}: group_column {group_column!r} is null.")
+        if row_kind.endswith("conversational"):
+            _check_roles(example, f"{name} row {i}", explicit=not row_kind.startswith("implicit"))
+        empty += not row_kind.startswith("implicit") and not any(
+            _completion_text(example[k]).strip() for k in _REQUIRED)
     if count == 0:
         raise ValueError(f"{name} is empty: it holds no preference pairs.")
+    if empty == count:
+        raise ValueError(f"{name}: the chosen and rejected completions of all {count} rows checked are empty, so "
+                         "there is no preference to learn; check the 'chosen' and 'rejected' columns.")
     return kind
+
+
+ROLES = ("system", "user", "assistant")  # the message roles of conversational rows
+
+
+def _check_roles(example: dict[str, Any], where: str, explicit: bool) -> None:
+    """Roles are system, user or assistant, and a completion (all of it with an explicit prompt, the last
+    message of an implicit-prompt pair) is from the assistant; the error names the row, field and role."""
+    for key in ("prompt", *_REQUIRED):
+        for j, message in enumerate(example.get(key) or ()):
+            if (role := message["role"]) not in ROLES:
+                raise ValueError(f"{where}: field {key!r} message {j} has role {role!r}; accepted roles: "
+                                 f"{', '.join(map(repr, ROLES))}.")
+            if key != "prompt" and (explicit or j == len(example[key]) - 1) and role != "assistant":
+                raise ValueError(f"{where}: field {key!r} message {j} has role {role!r}, but the completion must "
+                                 "be from the 'assistant'.")
+
+
+def _completion_text(value) -> str:
+    """A completion's text: the string, or the content of its last message."""
+    return value if isinstance(value, str) else str((value[-1].get("content") or "") if value else "")
 
 
 def drop_empty_completions(
@@ -327,6 +364,7 @@ def drop_empty_completions(
         ``(dataset, n_dropped)``.
     """
     check_choice("truncation_mode", truncation_mode, TRUNCATION_MODES)
+    check_bool("log", log)
 
     def keeps_tokens(ex) -> bool:
         n_prompt = len(ex["prompt_ids"])
@@ -344,6 +382,9 @@ def drop_empty_completions(
     if n_before is None:
         return dataset, 0
     n_dropped = n_before - len(dataset)
+    if n_before and not len(dataset):
+        raise ValueError(f"{name}: every one of its {n_before} pairs has an empty chosen or rejected completion after "
+                         f"truncation to max_length={max_length}; no pair is left (raise max_length).")
     if n_dropped and log:
         logger.warning(
             "Dropped %d of %d pairs of %s whose chosen or rejected completion is empty after "

@@ -10,7 +10,8 @@ import json
 import os
 import sys
 
-__all__ = ["SMOLLM2_ENV", "load_causal_lm", "load_smollm2", "offline_hub", "smollm2_dir", "smollm2_gguf"]
+__all__ = ["SMOLLM2_ENV", "TOKENIZER_FILES", "WEIGHT_FILES", "check_model_dir", "load_causal_lm", "load_smollm2",
+           "offline_hub", "smollm2_dir", "smollm2_gguf"]
 
 #: Environment variable naming the SmolLM2 GGUF cache directory.
 SMOLLM2_ENV = "MIXDPO_SMOLLM2_DIR"
@@ -83,6 +84,29 @@ def load_smollm2(cache_dir: str | None = None, convert_cache: bool = True):
     return model, tokenizer
 
 
+#: A ``save_pretrained`` folder's weights, in any of the layouts transformers writes.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: The tokenizer's vocabulary, in any of its forms (fast tokenizer; sentencepiece; BPE or WordPiece vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def check_model_dir(path: str) -> None:
+    """Refuse a model folder that lacks ``config.json``, the weights or the tokenizer's vocabulary, naming the
+    folder and every missing part (instead of the loader's error about one of them, or a tokenizer that turns
+    every text into no tokens)."""
+    present = set(os.listdir(path))
+    missing = [] if "config.json" in present else ["config.json"]
+    if not present & set(WEIGHT_FILES):
+        missing.append("the weights (" + " or ".join(WEIGHT_FILES) + ")")
+    if not present & set(TOKENIZER_FILES):
+        missing.append("the tokenizer files (" + " or ".join(TOKENIZER_FILES) + ")")
+    if missing:
+        raise ValueError(
+            f"the model folder {path!r} is not complete: it has no {'; no '.join(missing)}. Pass a folder "
+            "where both model.save_pretrained and tokenizer.save_pretrained wrote, or a PEFT adapter folder."
+        )
+
+
 def load_causal_lm(path: str, adapter_base: str | None = None):
     """Load a causal LM and its tokenizer from a local directory, a PEFT adapter directory, or ``"smollm2"``.
 
@@ -117,7 +141,11 @@ def load_causal_lm(path: str, adapter_base: str | None = None):
         if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         return PeftModel.from_pretrained(base, path), tokenizer
+    check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not tokenizer("a b c").get("input_ids"):
+        raise ValueError(f"the tokenizer of {path!r} turns text into no tokens: every sequence would be empty. "
+                         "Save the model's tokenizer there (tokenizer.save_pretrained).")
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

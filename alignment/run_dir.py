@@ -15,7 +15,9 @@ report`` writes into ``RUN/report``. JSON files are written atomically (:func:`m
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import sys
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from mixlogit.persistence import read_json, write_json
+from mixlogit.validation import check_bool
 
 from .strength import STRENGTHS, Strength, build_strength, default_strength_init
 
@@ -118,11 +121,60 @@ def save_strength(strength: Strength, output_dir: str, meta: dict[str, Any]) -> 
 
 
 def read_strength_config(checkpoint_dir: str) -> dict[str, Any] | None:
-    """The ``strength.json`` of a checkpoint or run directory, or None when there is none."""
+    """The ``strength.json`` of a checkpoint or run directory, or None when there is none.
+
+    A damaged file (not JSON, a field missing or of the wrong type, a NaN parameter) is refused with an error
+    naming the file and the field.
+    """
     path = os.path.join(checkpoint_dir, STRENGTH_CONFIG_NAME)
     if not os.path.isfile(path):
         return None
-    return read_json(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged: it is not JSON text ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(info).__name__}, not an object")  # noqa: TRY004
+    _check_strength_info(info, path)
+    return info
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_strength_info(info: dict[str, Any], path: str) -> None:
+    """Each field of a ``strength.json`` has the type and range :func:`save_strength` writes."""
+    def bad(field: str, what: str):
+        raise ValueError(f"{path} is damaged: field {field!r} must be {what}, got {info.get(field)!r}")
+
+    for field in ("family", "init", "beta"):
+        if field not in info:
+            raise ValueError(f"{path} is damaged: the field {field!r} is missing")
+    if not isinstance(info["family"], str) or info["family"] not in STRENGTHS:
+        bad("family", f"one of {', '.join(map(repr, STRENGTHS))}")
+    if not isinstance(info["init"], dict):
+        bad("init", "an object of the family's initial parameters")
+    if not (_number(info["beta"]) and math.isfinite(info["beta"]) and info["beta"] > 0):
+        bad("beta", "a positive finite number")
+    for field in ("integrator", "objective"):
+        if info.get(field) is not None and not isinstance(info[field], str):
+            bad(field, "a string or null")
+    nodes = info.get("nodes")
+    if nodes is not None and not (isinstance(nodes, int) and not isinstance(nodes, bool) and nodes > 0):
+        bad("nodes", "a positive integer or null")
+    if not isinstance(info.get("fix_mean", False), bool):
+        bad("fix_mean", "true or false")
+    params = info.get("params", {})
+    if not isinstance(params, dict):
+        bad("params", "an object of the family's parameters")
+    numbers = {f"init.{k}": v for k, v in info["init"].items()}
+    numbers.update({f"params.{k}": v for k, v in params.items()})
+    numbers.update({k: info[k] for k in ("mean", "std", "cv") if k in info})
+    for field, value in numbers.items():
+        if not (_number(value) and math.isfinite(value)):
+            raise ValueError(f"{path} is damaged: field {field!r} must be a finite number, got {value!r}")
 
 
 def load_strength(run_dir: str):
@@ -136,9 +188,19 @@ def load_strength(run_dir: str):
         raise FileNotFoundError(
             f"{run_dir!r} has no {STRENGTH_CONFIG_NAME}: it was not written by MixDPOTrainer."
         )
-    strength = strength_from_settings(info)
-    state = torch.load(os.path.join(run_dir, STRENGTH_WEIGHTS_NAME), map_location="cpu", weights_only=True)
-    strength.load_state_dict(state)
+    path = os.path.join(run_dir, STRENGTH_CONFIG_NAME)
+    try:
+        strength = strength_from_settings(info)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is damaged: its settings do not make a strength: {e}") from None
+    weights = os.path.join(run_dir, STRENGTH_WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{run_dir!r} has {STRENGTH_CONFIG_NAME} but no {STRENGTH_WEIGHTS_NAME}")
+    try:
+        strength.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - an unpickling or shape error: the file is damaged, whatever the kind
+        raise ValueError(f"{weights} is damaged: {type(e).__name__}: {e}") from None
+    strength.check_parameters(f" loaded from {weights}")
     return strength, info
 
 
@@ -177,6 +239,7 @@ def restore_strength(strength: Strength, checkpoint: str, settings: dict[str, An
     state = torch.load(os.path.join(checkpoint, STRENGTH_WEIGHTS_NAME), map_location=map_location,
                        weights_only=True)
     strength.load_state_dict(state)
+    strength.check_parameters(f" of {checkpoint!r}")
 
 
 # ---------------------------------------------------------------------------------------------- run records
@@ -202,6 +265,7 @@ def read_margins(folder: str) -> dict[str, np.ndarray]:
 
 def write_run_records(folder: str, run: dict[str, Any], metrics: dict[str, float], overwrite: bool = False) -> None:
     """Write ``mixdpo_run.json`` (how the run was made) and ``metrics.json`` (its final evaluation)."""
+    check_bool("overwrite", overwrite)
     write_json(os.path.join(folder, RUN_FILE), run, overwrite=overwrite, indent=2)
     write_json(os.path.join(folder, METRICS_FILE), metrics, overwrite=overwrite, indent=2)
 
@@ -209,7 +273,7 @@ def write_run_records(folder: str, run: dict[str, Any], metrics: dict[str, float
 def read_run_record(folder: str, required: bool = False) -> dict[str, Any]:
     """The ``mixdpo_run.json`` of a run folder; ``{}`` when there is none, unless ``required``."""
     path = os.path.join(folder, RUN_FILE)
-    if not required and not os.path.isfile(path):
+    if not check_bool("required", required) and not os.path.isfile(path):
         return {}
     return read_json(path)
 
@@ -237,6 +301,7 @@ def run_files_present(folder: str, keep_checkpoints: bool = False) -> tuple[list
     :data:`RUN_RESULTS`), without the checkpoints when ``keep_checkpoints`` (a resumed run continues them);
     ``latest`` is None without checkpoints.
     """
+    check_bool("keep_checkpoints", keep_checkpoints)
     entries = sorted(os.listdir(folder))
     checkpoints = [n for n in entries if n.startswith("checkpoint-") and os.path.isdir(os.path.join(folder, n))]
     present = sorted((n for n in entries if not (keep_checkpoints and n in checkpoints)), key=_run_file_first)
