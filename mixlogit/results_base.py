@@ -166,8 +166,13 @@ class FitResults:
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the results as JSON (floats with full precision), atomically. Refuses to replace an existing
-        file unless ``overwrite=True``."""
-        return write_json(path, self.to_dict(), overwrite=overwrite, indent=self.JSON_INDENT)
+        file unless ``overwrite=True``, and results whose estimates are not finite (they could not be read back)."""
+        d = self.to_dict()
+        try:
+            require_finite(d, self.FINITE_FIELDS)
+        except ValueError as e:
+            raise ValueError(f"cannot save {path}: {e}") from None
+        return write_json(path, d, overwrite=overwrite, indent=self.JSON_INDENT)
 
     @classmethod
     def from_dict(cls, d: dict, model) -> FitResults:

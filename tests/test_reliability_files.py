@@ -4,6 +4,7 @@ checked by ``mixlogit report``, non-finite estimates and version fields on load,
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import stat
@@ -305,6 +306,14 @@ def test_a_file_with_non_finite_estimates_is_refused_naming_the_field(fixture, f
     assert "NaN" in p.read_text() or "Infinity" in p.read_text()
     with pytest.raises(ValueError, match=rf"{p} is damaged: the field '{field}' holds {what}"):
         ml.load(p)
+
+
+def test_results_with_non_finite_estimates_are_not_saved(res, tmp_path):
+    bad = copy.copy(res)
+    bad.loglik = float("nan")
+    with pytest.raises(ValueError, match=rf"cannot save {tmp_path / 'r.json'}: the field 'loglik' holds NaN"):
+        bad.save(tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize(("version", "message"), [
