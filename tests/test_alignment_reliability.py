@@ -82,7 +82,7 @@ def test_error_estimate_is_never_a_false_zero_and_the_nodes_are_the_ones_used(ki
     h = torch.tensor([-3.0, -0.5, 0.7, 4.0], dtype=F64)
     pair = s.error_estimate_nodes
     if pair is None:
-        with pytest.raises(ValueError, match=rf"{used} nodes.*false 0; pass nodes >= \d+"):
+        with pytest.raises(ValueError, match=rf"{used} nodes.*false 0\); pass nodes >= \d+"):
             s.error_estimate(h)
         return
     fine, coarse = pair
