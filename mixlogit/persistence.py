@@ -10,7 +10,8 @@
   write, or the current folder, is refused rather than copied or swapped away. The swap is one atomic exchange of the two folders
   (``renameat2`` with ``RENAME_EXCHANGE`` on Linux), so a kill at any moment leaves the old complete set or the
   new one. Where the system has no atomic exchange the folder is renamed aside and the new one renamed in; a
-  kill between those two renames leaves the old set in the hidden sibling ``.NAME.old-*``.
+  kill between those two renames leaves the old set in the hidden sibling ``.NAME.old-*``. A killed write
+  leaves its hidden sibling behind; the next write into the folder clears it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
 import os
 import shutil
@@ -154,6 +156,7 @@ def check_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite: 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is a file, not a folder")
+    _remove_leftovers(folder.resolve())
     replaces = list(dict.fromkeys(replaces))
     refuse_to_overwrite(folder, replaces, overwrite)
     if not folder.is_dir():
@@ -167,6 +170,28 @@ def check_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite: 
         raise FileExistsError(f"{folder} holds {', '.join(odd)}, which mixlogit did not write and does not carry "
                               "over (only plain files are kept when the folder is rewritten as a unit): move "
                               f"{'it' if len(odd) == 1 else 'them'} or choose another folder")
+
+
+def _remove_leftovers(real: Path) -> None:
+    """Clear the hidden siblings that writes killed before they finished left behind (their process no longer
+    runs; those of a running process are left alone): ``.NAME.tmp-PID-*`` is removed, and ``.NAME.old-PID-*``
+    (the old set, renamed aside where the system has no atomic exchange) is moved back if NAME is missing."""
+    if not real.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for p in real.parent.glob(f".{glob.escape(real.name)}.{kind}-*-*"):
+            pid = p.name[len(real.name) + len(kind) + 3:].split("-", 1)[0]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                if kind == "old" and not real.exists():
+                    os.replace(p, real)
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass  # a process of another user: still running
 
 
 @contextlib.contextmanager
@@ -187,7 +212,7 @@ def replace_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite
     real = folder.resolve()
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}.tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}.tmp-{os.getpid()}-"))
     except OSError as e:
         raise _os_error(e, folder, "write into") from None
     try:
@@ -207,7 +232,7 @@ def replace_folder(folder: str | os.PathLike, replaces: Iterable[str], overwrite
             if _exchange(tmp, real):
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                old = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}.old-"))
+                old = Path(tempfile.mkdtemp(dir=real.parent, prefix=f".{real.name}.old-{os.getpid()}-"))
                 os.replace(real, old)
                 os.replace(tmp, real)
                 shutil.rmtree(old, ignore_errors=True)

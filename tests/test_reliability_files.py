@@ -8,6 +8,8 @@ import copy
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,21 @@ def test_the_current_folder_is_refused(sim_csv, tmp_path, monkeypatch, capsys):
         replace_folder(".", ["a"], overwrite=False).__enter__()
     assert fit(sim_csv, tmp_path.parent) == 2
     assert f"{tmp_path.parent} is the current folder (or holds it)" in capsys.readouterr().err
+
+
+def test_leftovers_of_killed_writes_are_cleared(tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
+    pid = int(dead.stdout)
+    (tmp_path / f".out.old-{pid}-abc").mkdir()  # the old set, renamed aside by a write killed mid-swap
+    (tmp_path / f".out.old-{pid}-abc" / "a.txt").write_text("old")
+    (tmp_path / f".out.tmp-{pid}-def").mkdir()  # a half-written new set
+    (tmp_path / f".out.tmp-{os.getpid()}-ghi").mkdir()  # a write of a running process: left alone
+    with pytest.raises(FileExistsError, match=rf"{out} already holds a.txt"):  # the old set is back
+        replace_folder(out, ["a.txt"], overwrite=False).__enter__()
+    assert (out / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.tmp-{os.getpid()}-ghi", "out"]
 
 
 def test_fit_overwrite_removes_the_old_report_and_keeps_user_files(sim_csv, tmp_path):

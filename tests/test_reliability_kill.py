@@ -145,4 +145,5 @@ def test_sigkill_during_fit_leaves_the_old_set_or_the_new_one(sim_csv, tmp_path)
     finally:
         launcher.close()
     assert during_save >= 1, outcomes
+    assert len(_temporaries(out)) <= 1  # each write clears what the killed ones before it left
     assert _is_complete_new_set(out, _files(out))
