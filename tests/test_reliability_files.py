@@ -182,6 +182,18 @@ def test_the_current_folder_is_refused(sim_csv, tmp_path, monkeypatch, capsys):
     assert f"{tmp_path.parent} is the current folder (or holds it)" in capsys.readouterr().err
 
 
+def test_without_an_atomic_exchange_the_folder_is_renamed_aside(tmp_path, monkeypatch):
+    from mixlogit import persistence
+
+    monkeypatch.setattr(persistence, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    for text in ("1", "2"):
+        with replace_folder(out, ["a.txt"], overwrite=True) as tmp:
+            (tmp / "a.txt").write_text(text)
+    assert (out / "a.txt").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_leftovers_of_killed_writes_are_cleared(tmp_path):
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
