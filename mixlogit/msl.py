@@ -19,6 +19,7 @@ from scipy import optimize
 from .budget import MSL_CHUNK_ELEMENTS, chunk_size
 from .data import Design
 from .draws import IntegrationRule
+from .information import scaled_information
 from .kernel import conditional_loglik, log_mixed_prob
 from .spec import Spec
 
@@ -305,9 +306,9 @@ def identification_problems(problem: MSLProblem, theta: np.ndarray, hessian: np.
     for i in range(len(names)):
         if names[i] not in out and i not in ok:
             out[names[i]] = "the log-likelihood has no curvature in this parameter"
-    if len(ok) > 1 and np.all(np.isfinite(h[np.ix_(ok, ok)])):
-        s = 1.0 / np.sqrt(diag[ok])
-        vals, vecs = np.linalg.eigh(h[np.ix_(ok, ok)] * np.outer(s, s))
+    scaled = scaled_information(h[np.ix_(ok, ok)]) if len(ok) > 1 else None
+    if scaled is not None:
+        vals, vecs = np.linalg.eigh(scaled[0])
         for j in np.flatnonzero(vals < NULL_EIGENVALUE * max(vals.max(), 1.0)):
             involved = [names[ok[m]] for m in np.flatnonzero(np.abs(vecs[:, j]) > 0.3)]
             for n in involved:

@@ -13,6 +13,7 @@ from scipy import stats
 
 from .data import ChoiceData
 from .diagnostics import heterogeneity_delta, to_idata
+from .information import invert_information
 from .kernel import choice_probabilities, posterior_draw_weights
 from .moments import coefficient_mean_sd, delta_method
 from .results_base import FitResults
@@ -21,44 +22,6 @@ from .validation import check_bool
 
 #: The format field of MSL results files.
 FORMAT = "mixlogit.results"
-
-
-#: Largest condition number of the information matrix scaled to unit diagonal that counts as invertible.
-MAX_SCALED_CONDITION = 1e13
-
-
-def scaled_information(neg_hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(D^-1/2 (-H) D^-1/2, D^-1/2)`` with ``D`` the diagonal of ``-H``: the information matrix in units where
-    every parameter has unit curvature, so its conditioning does not depend on the units of the attributes.
-    None when a diagonal entry is not positive and finite (a direction with no curvature)."""
-    h = 0.5 * (neg_hessian + neg_hessian.T)
-    d = np.diag(h)
-    if not np.all(np.isfinite(h)) or np.any(~(d > 0)):
-        return None
-    s = 1.0 / np.sqrt(d)
-    return h * np.outer(s, s), s
-
-
-def _safe_inverse(neg_hessian: np.ndarray) -> tuple[np.ndarray, bool]:
-    """Inverse of the information matrix; a pseudo-inverse and ``singular=True`` when it is not invertible.
-
-    Singularity is judged on the matrix scaled to unit diagonal, which is inverted there and scaled back: an
-    attribute measured in other units scales its row and column only, and leaves every other standard error
-    as it was.
-    """
-    scaled = scaled_information(neg_hessian)
-    if scaled is not None:
-        c, s = scaled
-        try:
-            cond = np.linalg.cond(c)
-            if np.isfinite(cond) and cond <= MAX_SCALED_CONDITION:
-                np.linalg.cholesky(c)
-                return np.linalg.inv(c) * np.outer(s, s), False
-        except np.linalg.LinAlgError:
-            pass
-        return np.linalg.pinv(c) * np.outer(s, s), True
-    finite = np.where(np.isfinite(neg_hessian), neg_hessian, 0.0)
-    return np.linalg.pinv(finite), True
 
 
 class MixedLogitResults(FitResults):
@@ -86,7 +49,7 @@ class MixedLogitResults(FitResults):
         self.converged, self.n_iter, self.message = bool(converged), int(n_iter), str(message)
         self.grad_norm = float(grad_norm)
         self.integration_error = None if integration_error is None else float(integration_error)
-        cov, self.hessian_singular = _safe_inverse(-self.hessian)
+        cov, self.hessian_singular = invert_information(-self.hessian)
         if self.hessian_singular:
             warnings.warn("the Hessian is singular or ill-conditioned at the optimum: standard errors are from a "
                           "pseudo-inverse and unreliable (is a parameter unidentified?)", RuntimeWarning, stacklevel=4)
