@@ -31,8 +31,10 @@ def _parse_random(text: str | None) -> dict[str, str]:
     for item in filter(None, (text or "").split(",")):
         if "=" not in item:
             raise SystemExit(f"--random expects name=distribution pairs separated by commas, got {item!r}")
-        name, dist = item.split("=", 1)
-        out[name.strip()] = dist.strip()
+        name, dist = (part.strip() for part in item.split("=", 1))
+        if name in out:
+            raise SystemExit(f"--random names {name!r} twice ({out[name]} and {dist}); give each coefficient once")
+        out[name] = dist
     return out
 
 

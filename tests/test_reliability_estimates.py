@@ -177,3 +177,20 @@ def test_rule_too_large_for_memory_is_refused_naming_draws(sim):
     with pytest.raises(ValueError, match=r"draws=100000000 needs about 44.7 GiB .*60 units"):
         sim.model.make_problem(data_of(sim.df), draws=10**8)
     assert MAX_RULE_BYTES == 2**32
+
+
+def test_a_coefficient_named_twice_in_random_is_refused(sim, tmp_path):
+    from mixlogit.cli import main
+
+    sim.df.to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(SystemExit, match=r"--random names 'x1' twice \(normal and lognormal\); give each "):
+        main(["fit", str(tmp_path / "d.csv"), "--choice", "choice", "--alt", "alt", "--situation", "situation",
+              "--random", "x1=normal,x1=lognormal", "--out", str(tmp_path / "out")])
+
+
+def test_arviz_individual_accepts_only_booleans(sim):
+    from mixlogit.diagnostics import to_idata
+
+    res = sim.model.fit(sim.data, draws=20)
+    with pytest.raises(TypeError, match="individual must be True or False, got str 'no'"):
+        to_idata(res.spec, res.parameter_draws(5)[None], individual="no")

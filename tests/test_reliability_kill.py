@@ -4,17 +4,14 @@ files or the new one, never a mix or a partial file."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
-import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from forked_launcher import Launcher
 
 import mixlogit as ml
 
@@ -30,57 +27,6 @@ def sim_csv(tmp_path_factory):
     ml.simulate(n_persons=60, n_situations=4, n_alts=3, random={"x1": ("normal", 1.0, 0.5)}, fixed={"x2": -1.0},
                 seed=11).df.to_csv(path, index=False)
     return path
-
-
-# ---------------------------------------------------------------------------------------------- SIGKILL
-#: A process that imports mixlogit once and runs each command line it reads (JSON, one a line) in a forked child,
-#: printing the child's pid and then its exit status: the kills fall in the fit and the save, not in Python's
-#: start (a fork is a whole process, killed by SIGKILL like any other).
-LAUNCHER = """
-import json, os, sys
-from mixlogit.cli import main
-for line in sys.stdin:
-    pid = os.fork()
-    if pid == 0:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        try:
-            code = main(json.loads(line))
-        except BaseException:
-            code = 3
-        os._exit(code)
-    print(pid, flush=True)
-    print("done", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-"""
-
-
-class Launcher:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.buffer = b""
-
-    def line(self, timeout: float) -> str | None:
-        """The next line the launcher prints, or None if none comes within ``timeout`` seconds."""
-        end = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            left = end - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                return None
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            assert chunk, "the launcher ended"
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
-
-    def start(self, argv: list[str]) -> int:
-        self.proc.stdin.write((json.dumps(argv) + "\n").encode())
-        self.proc.stdin.flush()
-        return int(self.line(120))
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 def _fit_argv(csv, out, seed):
@@ -108,7 +54,7 @@ def test_sigkill_during_fit_leaves_the_old_set_or_the_new_one(sim_csv, tmp_path)
     just after the new set's temporary folder appears (during the save). Each time the folder holds the old set
     byte for byte or a complete, consistent new set."""
     out = tmp_path / "out"
-    launcher = Launcher()
+    launcher = Launcher("mixlogit.cli")
     try:
         launcher.start(_fit_argv(sim_csv, out, 0))
         t0 = time.monotonic()  # after the launcher's imports

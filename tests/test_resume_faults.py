@@ -12,8 +12,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -23,6 +21,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
+from forked_launcher import Launcher
 
 from alignment import checkpoints, synthetic
 from alignment.cli import main
@@ -35,18 +34,6 @@ def _train_args(base, data, out):
     return ["train", "--model", str(base), "--data", str(data), "--output", str(out), "--max-steps", str(STEPS),
             "--batch-size", "4", "--max-length", "32", "--lr", "1e-3", "--strength-lr", "0.05", "--cpu",
             "--save-steps", "1", "--logging-steps", "1", "--eval-fraction", "0.2", "--seed", "3"]
-
-
-def _wait(predicate, proc, timeout=120.0):
-    """Poll until ``predicate()`` or the process exits; True when the predicate came first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.002)
-    raise AssertionError("the training process neither progressed nor ended")
 
 
 def _step(path):
@@ -84,6 +71,15 @@ def task(tmp_path_factory):
     return root, root / "base", root / "pairs.jsonl"
 
 
+def _until(condition, launcher):
+    """Poll until ``condition()`` holds or the run ends: the run's status line if it ended first, else None."""
+    while not condition():
+        status = launcher.line(0.002)
+        if status is not None:
+            return status
+    return None
+
+
 def test_kills_at_random_moments_resume_to_the_uninterrupted_result(task, capsys):
     root, base, data = task
     threads = torch.get_num_threads()
@@ -95,59 +91,67 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_result(task, capsys
     capsys.readouterr()
     run = root / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-c", "import sys; from alignment.cli import main; sys.exit(main(sys.argv[1:]))"]
-    rng = random.Random(12)
-    # The first kill comes after a checkpoint (a run killed before its first one has nothing to resume).
-    modes = ["random"] + rng.sample(["save"] * 3 + ["random"] * (KILLS - 4), KILLS - 1)
-    kills, mid_save, resume = 0, 0, None
-    for mode in modes:
-        args = _train_args(base, data, run) + (["--resume", resume] if resume else [])
-        if mode == "save":  # (a staging folder an earlier kill left would be taken for this process's)
-            checkpoints.remove_staging(str(run))
-        proc = subprocess.Popen(command + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        start = _step(resume)
-        if mode == "save":  # kill as soon as a staging folder appears: the save is under way
-            landed = _wait(lambda: _staged(run), proc)
-        else:  # a random moment after the process made a new complete checkpoint
-            landed = _wait(lambda start=start: _step(checkpoints.last_complete(run)) > start, proc)
-            time.sleep(rng.uniform(0.0, 0.3))
-        if landed and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
-        err = proc.stderr.read().decode()
-        assert proc.returncode in (0, -signal.SIGKILL), err
-        mid_save += _staged(run)
-        # The refusal without --resume names the last complete checkpoint, never a staged one.
-        named = _hint(capsys, _train_args(base, data, run))
-        last = checkpoints.last_complete(str(run))
-        assert named == last and checkpoints.checkpoint_problem(named) is None
-        resume = named
-    assert kills == KILLS, kills
-    assert mid_save >= 1  # at least one kill landed while a checkpoint was being written
+    # Each run is a fork of one process that has imported torch, transformers and TRL once, so the kills land in
+    # training and saving rather than in Python's start (tests/forked_launcher.py).
+    launcher = Launcher("alignment.cli", env=env)
+    log = root / "run.log"
+    try:
+        rng = random.Random(12)
+        # The first kill comes after a checkpoint (a run killed before its first one has nothing to resume).
+        modes = ["random"] + rng.sample(["save"] * 3 + ["random"] * (KILLS - 4), KILLS - 1)
+        kills, mid_save, resume = 0, 0, None
+        for mode in modes:
+            args = _train_args(base, data, run) + (["--resume", resume] if resume else [])
+            if mode == "save":  # (a staging folder an earlier kill left would be taken for this process's)
+                checkpoints.remove_staging(str(run))
+            pid = launcher.start(args, log=str(log))
+            start = _step(resume)
+            if mode == "save":  # kill as soon as a staging folder appears: the save is under way
+                status = _until(lambda: _staged(run), launcher)
+            else:  # a random moment after the process made a new complete checkpoint
+                status = _until(lambda start=start: _step(checkpoints.last_complete(run)) > start, launcher)
+                if status is None:
+                    time.sleep(rng.uniform(0.0, 0.3))
+            if status is None:
+                status = launcher.line(0)
+            if status is None:
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+                status = launcher.line(120)
+            assert status in ("done 0", "done -9"), (status, log.read_text())
+            mid_save += _staged(run)
+            # The refusal without --resume names the last complete checkpoint, never a staged one.
+            named = _hint(capsys, _train_args(base, data, run))
+            last = checkpoints.last_complete(str(run))
+            assert named == last and checkpoints.checkpoint_problem(named) is None
+            resume = named
+        assert kills == KILLS, kills
+        assert mid_save >= 1  # at least one kill landed while a checkpoint was being written
 
-    # An incomplete checkpoint is refused, naming the last complete one.
-    broken = run / f"checkpoint-{STEPS + 5}"
-    shutil.copytree(resume, broken)
-    with open(broken / "optimizer.pt", "r+b") as f:
-        f.truncate(10)
-    assert main([*_train_args(base, data, run), "--resume", str(broken)]) == 2
-    err = capsys.readouterr().err
-    assert f"--resume {broken} is incomplete (optimizer.pt has 10 bytes" in err
-    assert f"resume from {resume}, the last complete checkpoint of that run" in err
-    shutil.rmtree(broken)
-    # Another run's checkpoint in the folder is not this run's file: resuming there is refused.
-    shutil.copytree(root / "whole" / "checkpoint-2", run / "checkpoint-999")
-    assert main([*_train_args(base, data, run), "--resume", resume]) == 2
-    err = capsys.readouterr().err
-    assert f"--output {run} already holds checkpoint-999; pass --overwrite" in err
-    assert "not the files of the run that wrote --resume's checkpoint" in err
-    shutil.rmtree(run / "checkpoint-999")
+        # An incomplete checkpoint is refused, naming the last complete one.
+        broken = run / f"checkpoint-{STEPS + 5}"
+        shutil.copytree(resume, broken)
+        with open(broken / "optimizer.pt", "r+b") as f:
+            f.truncate(10)
+        assert main([*_train_args(base, data, run), "--resume", str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {broken} is incomplete (optimizer.pt has 10 bytes" in err
+        assert f"resume from {resume}, the last complete checkpoint of that run" in err
+        shutil.rmtree(broken)
+        # Another run's checkpoint in the folder is not this run's file: resuming there is refused.
+        shutil.copytree(root / "whole" / "checkpoint-2", run / "checkpoint-999")
+        assert main([*_train_args(base, data, run), "--resume", resume]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {run} already holds checkpoint-999; pass --overwrite" in err
+        assert "not the files of the run that wrote --resume's checkpoint" in err
+        shutil.rmtree(run / "checkpoint-999")
 
-    # The last resume runs to the end, into the run's own folder, without --overwrite.
-    proc = subprocess.run(command + [*_train_args(base, data, run), "--resume", resume], env=env,
-                          check=False, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+        # The last resume runs to the end, into the run's own folder, without --overwrite.
+        launcher.start([*_train_args(base, data, run), "--resume", resume], log=str(log))
+        status = launcher.line(300)
+        assert status == "done 0", (status, log.read_text())
+    finally:
+        launcher.close()
     record = json.loads((run / "mixdpo_run.json").read_text())
     assert record["steps"] == STEPS and record["run_id"] == checkpoints.checkpoint_run_id(str(run / "checkpoint-1"))
     assert not _staged(run)

@@ -234,6 +234,8 @@ class BayesResults(FitResults):
         data = data if data is not None else self._data
         sampler = self._sampler
         same_units = data is None or data is self._data or list(data.unit_labels) == list(self.unit_labels)
+        if individual is not None:
+            check_bool("individual", individual)
         need_beta = (individual is not False) or log_likelihood == "conditional"
         want = need_beta and same_units and not isinstance(sampler, StoredSampler) and self.spec.n_random > 0
         if isinstance(sampler, SVISampler):

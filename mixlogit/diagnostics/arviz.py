@@ -13,6 +13,7 @@ import pandas as pd
 
 from ..data import ChoiceData, Design
 from ..spec import Spec
+from ..validation import check_bool
 from .pointwise import conditional_loglik_draws, marginal_loglik, predictive_choices, situations
 
 LOG_LIKELIHOODS = ("marginal", "conditional")
@@ -37,6 +38,7 @@ def to_idata(spec: Spec, theta: np.ndarray, *, beta: np.ndarray | None = None, i
 
     if log_likelihood not in LOG_LIKELIHOODS:
         raise ValueError(f"unknown log_likelihood {log_likelihood!r}; accepted: {', '.join(LOG_LIKELIHOODS)}")
+    check_bool("individual", individual)
     C, S = theta.shape[:2]
     unit_dim = "person" if (data is None or data.is_panel) else "situation"
     coords = {"chain": np.arange(C), "draw": np.arange(S)}
