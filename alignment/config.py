@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from mixlogit.validation import check_bool, check_count, check_non_negative, check_positive
+from mixlogit.validation import check_bool, check_choice, check_count, check_non_negative, check_positive
 
 from .losses import check_objective
 from .strength import default_strength_init, parse_strength_init, strength_class
 
-__all__ = ["STRENGTH_LR_CAP", "STRENGTH_LR_MULTIPLIER", "MixDPOConfig", "check_supported", "to_mixdpo_config"]
+__all__ = ["STRENGTH_LR_CAP", "STRENGTH_LR_MULTIPLIER", "STRENGTH_UPDATES", "MixDPOConfig", "check_supported",
+           "to_mixdpo_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 # jumping by more than about 1% of its scale per step when the policy rate is itself large.
 STRENGTH_LR_MULTIPLIER = 1000.0
 STRENGTH_LR_CAP = 1e-2
+#: How phi is trained (``MixDPOConfig.strength_update``).
+STRENGTH_UPDATES = ("gradient", "refit")
 
 
 @dataclass
@@ -64,6 +67,19 @@ class MixDPOConfig(DPOConfig):
         objective (`str`, defaults to `"marginal"`):
             `"marginal"`: -log E_beta[sigmoid(beta h)] (the mixed-logit likelihood); `"expected"`:
             E_beta[-log sigmoid(beta h)] (an upper bound by Jensen).
+        strength_learnable (`bool`, defaults to `False`):
+            Learn the point strength's beta (a learned-beta DPO: `strength="point"`, beta starting at `beta`). The
+            other families' parameters are always learned.
+        strength_update (`str`, defaults to `"gradient"`):
+            How phi is trained. `"gradient"`: jointly with the policy by the optimizer (Adam at
+            `strength_learning_rate`), which moves phi by about its learning rate per step whatever the gradient,
+            so after a short run phi sits wherever it had got to. `"refit"`: every pair's latest margin h is kept
+            (refreshed when the pair is in a batch), and every `strength_refit_steps` optimizer steps phi is set to
+            the maximum of the objective over all cached margins (L-BFGS on the 1-3 scalars, no LM forward pass);
+            when training ends one no-grad pass refreshes every margin and phi is refitted once more, so the
+            reported phi is a stationary point of the objective on the final policy's margins.
+        strength_refit_steps (`int`, defaults to `10`):
+            Optimizer steps between refits (`strength_update="refit"`).
         group_column (`str`, *optional*):
             Subgroup or annotator column of the datasets; it survives preprocessing, and evaluation then reports
             the macro (over groups) preference accuracy `rewards/accuracies_macro` next to TRL's micro one.
@@ -76,6 +92,9 @@ class MixDPOConfig(DPOConfig):
     strength_learning_rate: float | None = field(default=None, metadata={"help": "learning rate of phi"})
     strength_fix_mean: bool = field(default=False, metadata={"help": "pin E[beta] to beta"})
     objective: str = field(default="marginal", metadata={"help": "marginal | expected"})
+    strength_learnable: bool = field(default=False, metadata={"help": "learn the point strength's beta"})
+    strength_update: str = field(default="gradient", metadata={"help": "gradient | refit"})
+    strength_refit_steps: int = field(default=10, metadata={"help": "steps between refits of phi"})
     group_column: str | None = field(default=None, metadata={"help": "subgroup or annotator column"})
 
     def __post_init__(self):
@@ -86,12 +105,20 @@ class MixDPOConfig(DPOConfig):
             check_non_negative("strength_learning_rate", self.strength_learning_rate)
         check_count("strength_nodes", self.strength_nodes, allow_none=True)
         check_bool("strength_fix_mean", self.strength_fix_mean)
+        check_bool("strength_learnable", self.strength_learnable)
+        check_choice("strength_update", self.strength_update, STRENGTH_UPDATES)
+        check_count("strength_refit_steps", self.strength_refit_steps)
         try:
             check_positive("beta", self.beta)
         except ValueError as e:
             raise ValueError(f"{e}: beta is the mean of the strength distribution.") from None
         # Validate the initial parameters now, so that a typo fails at configuration time.
         default_strength_init(self.strength, self.beta, self.strength_init, self.strength_fix_mean)
+        if self.strength_learnable and not strength_class(self.strength).fixed_in_training:
+            raise ValueError(
+                f"strength_learnable=True applies to strength='point' (a learned-beta DPO); the "
+                f"{self.strength!r} family's parameters are always learned."
+            )
         super().__post_init__()
 
     @property

@@ -80,7 +80,8 @@ RUN_RESULTS = ("metrics.json", "model.safetensors", "adapter_model.safetensors",
 
 # ---------------------------------------------------------------------------------------------- the strength
 def strength_settings(family: str, beta: float, init: dict[str, float] | None = None, integrator: str | None = None,
-                      nodes: int | None = None, fix_mean: bool = False, objective: str = "marginal") -> dict[str, Any]:
+                      nodes: int | None = None, fix_mean: bool = False, objective: str = "marginal",
+                      learnable: bool = False) -> dict[str, Any]:
     """The settings part of ``strength.json``: everything :func:`strength_from_settings` needs.
 
     ``init`` is completed by the family's defaults (E[beta] = ``beta``), and ``fix_mean`` holds only for a
@@ -94,6 +95,8 @@ def strength_settings(family: str, beta: float, init: dict[str, float] | None = 
         "fix_mean": bool(fix_mean) and STRENGTHS[family].supports_fix_mean,
         "beta": float(beta),
         "objective": objective,
+        # Only the point mass has a choice (a learned-beta DPO); the key is absent from older strength.json files.
+        "learnable": bool(learnable),
         "format_version": FORMAT_VERSION,
     }
 
@@ -101,7 +104,7 @@ def strength_settings(family: str, beta: float, init: dict[str, float] | None = 
 def strength_from_settings(info: dict[str, Any]) -> Strength:
     """The strength (initial parameters) of the settings of :func:`strength_settings` or of a ``strength.json``."""
     return build_strength(info["family"], info["init"], info.get("integrator"), info.get("nodes"),
-                          info.get("fix_mean", False), info["beta"])
+                          info.get("fix_mean", False), info["beta"], info.get("learnable", False))
 
 
 def save_strength(strength: Strength, output_dir: str, meta: dict[str, Any]) -> None:
@@ -213,7 +216,7 @@ def restore_strength(strength: Strength, checkpoint: str, settings: dict[str, An
     info = read_strength_config(checkpoint)
     family = settings["family"]
     if info is None:
-        if not strength.fixed_in_training:
+        if any(p.requires_grad for p in strength.parameters()):
             raise ValueError(
                 f"Cannot resume from {checkpoint!r}: it has no {STRENGTH_CONFIG_NAME}, so it was not "
                 f"written by MixDPOTrainer and holds no strength={family!r} state."
@@ -235,6 +238,12 @@ def restore_strength(strength: Strength, checkpoint: str, settings: dict[str, An
         raise ValueError(
             f"Cannot resume from {checkpoint!r}: it was trained with strength_fix_mean="
             f"{info.get('fix_mean')} but this run has strength_fix_mean={settings['fix_mean']}."
+        )
+    if bool(info.get("learnable", False)) != bool(settings.get("learnable", False)):
+        raise ValueError(
+            f"Cannot resume from {checkpoint!r}: it was trained with strength_learnable="
+            f"{bool(info.get('learnable', False))} but this run has strength_learnable="
+            f"{bool(settings.get('learnable', False))}."
         )
     state = torch.load(os.path.join(checkpoint, STRENGTH_WEIGHTS_NAME), map_location=map_location,
                        weights_only=True)

@@ -162,19 +162,29 @@ def build_strength(
     nodes: int | None = None,
     fix_mean: bool = False,
     mean: float | None = None,
+    learnable: bool = False,
 ) -> Strength:
     """The strength of a training run: :func:`make_strength` with the run's settings.
 
     ``fix_mean`` and ``mean`` (E[beta], pinned when ``fix_mean``) reach only a family that ``supports_fix_mean``;
-    a family that is ``fixed_in_training`` (the point mass: DPO's beta) gets its parameters frozen.
+    a family that is ``fixed_in_training`` (the point mass: DPO's beta) gets its parameters frozen unless
+    ``learnable`` (a learned-beta DPO). Every other family is always learned, so ``learnable`` is refused for it.
     """
-    cls = STRENGTHS.get(family)
+    cls = strength_class(family)
     fix_mean = check_bool("fix_mean", fix_mean)
+    learnable = check_bool("learnable", learnable)
     kwargs: dict[str, Any] = {"init": init, "integrator": integrator, "nodes": nodes}
-    if cls is not None and cls.supports_fix_mean:
+    if cls.supports_fix_mean:
         kwargs.update(fix_mean=fix_mean, mean=mean if fix_mean else None)
+    if learnable:
+        if not cls.fixed_in_training:
+            raise ValueError(
+                f"strength_learnable applies to the point strength (a learned-beta DPO); the {family!r} "
+                "family's parameters are always learned."
+            )
+        kwargs["learnable"] = True
     strength = make_strength(family, **kwargs)
-    if cls.fixed_in_training:
+    if cls.fixed_in_training and not learnable:
         for p in strength.parameters():
             p.requires_grad_(False)
     return strength

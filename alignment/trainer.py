@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import TrainerCallback
@@ -54,6 +54,7 @@ from .batching import (
 from .config import MixDPOConfig, check_supported, to_mixdpo_config
 from .data import drop_empty_completions, validate_preference_dataset
 from .losses import mixdpo_loss
+from .margins import MarginCache, PairMarginsMixin, StrengthRefit
 from .run_dir import restore_strength, save_strength, strength_from_settings, strength_settings
 
 __all__ = ["MixDPOTrainer"]
@@ -69,7 +70,7 @@ class _ZeroGradsAfterStep(TrainerCallback):
         self.module.zero_grad(set_to_none=True)
 
 
-class MixDPOTrainer(DPOTrainer):
+class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
     """``trl.DPOTrainer`` with a learned distribution of preference strength (MixDPO).
 
     Takes exactly ``trl.DPOTrainer``'s arguments; ``args`` should be a :class:`MixDPOConfig` (a plain
@@ -103,7 +104,8 @@ class MixDPOTrainer(DPOTrainer):
         self._group_index: dict[str, int] = {}
         self._group_counts: dict[str, dict[int, list[float]]] = {"train": {}, "eval": {}}
         self._strength_meta = strength_settings(args.strength, args.beta, args.strength_init, args.strength_integrator,
-                                                args.strength_nodes, args.strength_fix_mean, args.objective)
+                                                args.strength_nodes, args.strength_fix_mean, args.objective,
+                                                args.strength_learnable)
         self._strength = strength_from_settings(self._strength_meta)
         #: Written into every checkpoint's record; a run resumed from a checkpoint takes its id.
         self.run_id = checkpoints.new_run_id()
@@ -115,6 +117,12 @@ class MixDPOTrainer(DPOTrainer):
         self.data_collator = CollatorWithExtras(self.data_collator)
         # Trainer zeroes the model's gradients after each optimizer step, and the strength is not in the model.
         self.add_callback(_ZeroGradsAfterStep(self._strength))
+        #: With ``strength_update="refit"``: every training pair's latest margin, and the callback refitting phi.
+        self.margin_cache = self.strength_refit = None
+        if args.strength_update == "refit":
+            self.margin_cache = MarginCache(max(self.train_dataset[ROW_COLUMN]) + 1)
+            self.strength_refit = StrengthRefit(self, args.strength_refit_steps)
+            self.add_callback(self.strength_refit)
 
     # ------------------------------------------------------------------ configuration checks
     @staticmethod
@@ -173,6 +181,8 @@ class MixDPOTrainer(DPOTrainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         params = [p for p in self._strength.parameters() if p.requires_grad]
+        if self.args.strength_update == "refit":
+            params = []  # phi is set by the refits, not by the optimizer
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if params and not any(id(p) in present for p in params):
             optimizer.add_param_group(
@@ -228,6 +238,10 @@ class MixDPOTrainer(DPOTrainer):
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, outputs, seq_len = (
             self._policy_and_ref_logps(model, inputs)
         )
+        if self.margin_cache is not None and mode == "train":
+            margin = ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)).detach()
+            # Every rank caches every rank's pairs, so that the refits (and the strength) agree across ranks.
+            self.margin_cache.update(self.accelerator.gather(inputs[ROW_COLUMN]), self.accelerator.gather(margin))
         losses, chosen_rewards, rejected_rewards = mixdpo_loss(
             chosen_logps,
             rejected_logps,
@@ -323,78 +337,6 @@ class MixDPOTrainer(DPOTrainer):
             counts.clear()
         super().log(logs, start_time)
 
-    # ------------------------------------------------------------------ per-pair margins
-    @torch.no_grad()
-    def pair_margins(self, dataset=None, batch_size: int | None = None) -> dict[str, Any]:
-        """DPO margins h of every pair under the current policy and the reference.
-
-        Args:
-            dataset: raw or prepared preference dataset (default: the trainer's eval dataset, else its train one).
-            batch_size: pairs per forward (default: ``per_device_eval_batch_size``).
-
-        Returns:
-            Dict of numpy arrays over the kept pairs: ``row`` (index in ``dataset``; pairs dropped by truncation
-            are absent), ``margin`` (h, nats), ``chosen_logratio``, ``rejected_logratio`` and, with a
-            ``group_column``, ``group`` (labels).
-        """
-        import numpy as np
-        from torch.utils.data import DataLoader
-
-        if dataset is None:
-            dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
-        if isinstance(dataset, dict):
-            raise TypeError("pair_margins takes one dataset, not a dict of eval datasets.")
-        prepared = "prompt_ids" in dataset.column_names and ROW_COLUMN in dataset.column_names
-        if not prepared:
-            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, "margins")
-        if self.precompute_ref_logps and "ref_chosen_logps" not in dataset.column_names:
-            if self.ref_model is None and not self._is_peft() and self.state.global_step > 0:
-                raise ValueError(
-                    "The reference log-probs of this dataset cannot be computed after training: "
-                    "precompute_ref_log_probs=True and no ref_model (full fine-tuning). Pass the "
-                    "dataset as eval_dataset at construction, or pass a ref_model."
-                )
-            dataset = self._precompute_ref_logps(
-                dataset, "margins", batch_size or self.args.per_device_eval_batch_size
-            )
-        keep = [c for c in dataset.column_names if c in self._signature_columns_or_default()]
-        loader = DataLoader(
-            dataset.select_columns(keep),
-            batch_size=batch_size or self.args.per_device_eval_batch_size,
-            collate_fn=self.data_collator,
-            shuffle=False,
-        )
-        was_training = self.model.training
-        self.model.eval()
-        out: dict[str, list] = {"row": [], "chosen_logratio": [], "rejected_logratio": [], "group_id": []}
-        try:
-            for batch in loader:
-                batch = self._prepare_inputs(batch)
-                c, r, rc, rr, _, _ = self._policy_and_ref_logps(self.model, batch)
-                out["chosen_logratio"].append((c - rc).float().cpu().numpy())
-                out["rejected_logratio"].append((r - rr).float().cpu().numpy())
-                out["row"].append(batch[ROW_COLUMN].cpu().numpy())
-                if GROUP_ID_COLUMN in batch:
-                    out["group_id"].append(batch[GROUP_ID_COLUMN].cpu().numpy())
-        finally:
-            if was_training:
-                self.model.train()
-        result = {k: np.concatenate(v) for k, v in out.items() if v}
-        result["margin"] = result["chosen_logratio"] - result["rejected_logratio"]
-        if "group_id" in result:
-            names = self.group_names
-            result["group"] = np.array([names[g] for g in result.pop("group_id")], dtype=object)
-        return result
-
-    def _signature_columns_or_default(self) -> list[str]:
-        self._set_signature_columns_if_needed()
-        return list(self._signature_columns)
-
-    def _is_peft(self) -> bool:
-        from accelerate.utils import is_peft_model
-
-        return is_peft_model(self.model)
-
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call=_internal_call)
@@ -405,6 +347,8 @@ class MixDPOTrainer(DPOTrainer):
                 "group_names": self.group_names,
             }
             save_strength(self._strength, output_dir or self.args.output_dir, meta)
+            if self.margin_cache is not None:
+                self.margin_cache.save(output_dir or self.args.output_dir)
 
     # Atomic checkpoints. Trainer._save_checkpoint writes every file of a checkpoint (through save_model, the
     # strength's too) under ``_get_output_dir(trial)/checkpoint-N``; there is no public hook before the files are
@@ -448,3 +392,5 @@ class MixDPOTrainer(DPOTrainer):
 
     def _restore_strength(self, checkpoint: str) -> None:
         restore_strength(self._strength, checkpoint, self._strength_meta, map_location=self.accelerator.device)
+        if self.margin_cache is not None:
+            self.margin_cache.load(checkpoint)

@@ -16,10 +16,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import alignment
 
 PACKAGE = Path(alignment.__file__).parent
+
+
+def _contract_layers() -> tuple[str, ...]:
+    """The alignment layer order of the import-linter contract in pyproject.toml (one source), bottom-up."""
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    (contract,) = [c for c in config["tool"]["importlinter"]["contracts"] if c["name"] == "alignment layers"]
+    # "a | b" is one layer of independent modules; order them arbitrarily (they import neither each other).
+    return tuple(m.strip() for layer in reversed(contract["layers"]) for m in layer.split("|"))
+
+
 #: Bottom-up: a module may import only modules listed before it (the package's __init__ is the facade).
-LAYERS = ("synthetic", "data", "models", "strength_base", "strength_families", "strength", "losses", "evaluate",
-          "batching", "run_dir", "checkpoints", "config",
-          "trainer", "diagnostics", "experiments", "commands", "cli")
+LAYERS = _contract_layers()
 #: The only modules that may import TRL (anywhere, including inside functions).
 TRL_MODULES = {"config", "trainer", "experiments", "commands"}
 
