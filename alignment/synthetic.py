@@ -12,21 +12,29 @@ so every strength has expectation ``base_strength`` whatever the heterogeneity (
 lognormal mean correction). With ``heterogeneity=0`` every annotator has the same strength (plain DPO's
 assumption holds); with a large one some groups answer nearly at random and others nearly deterministically.
 
-The tiny model helpers (:func:`build_tokenizer`, :func:`tiny_gpt_neox`, :func:`pretrain`) build everything from
-configs in memory, so nothing is fetched from a model hub.
+The tiny model helpers (:func:`build_tokenizer` here; :func:`tiny_gpt_neox` and :func:`pretrain` from
+:mod:`alignment.tiny_lm`) build everything from configs in memory, so nothing is fetched from a model hub.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mixlogit.validation import check_count, check_fraction, check_non_negative, check_positive
 
+from .tiny_lm import pretrain, tiny_gpt_neox
+
 __all__ = [
+    "ARMS",
+    "LEVELS",
     "WORD_VALUES",
+    "BenchmarkTask",
+    "benchmark_task",
     "build_tokenizer",
     "oracle_reward",
     "pluralistic_task",
@@ -220,79 +228,205 @@ def build_tokenizer(texts: Sequence[str] | None = None):
     return fast
 
 
-def tiny_gpt_neox(
-    tokenizer,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    seed: int = 0,
-    max_positions: int = 64,
-):
-    """A tiny GPT-NeoX (Pythia's architecture) built from a config, randomly initialised with ``seed``.
+# ---------------------------------------------------------------------------------------------- the benchmark task
+#: Heterogeneity levels of the benchmark task: the sd of the annotators' log-strength.
+LEVELS = (0.0, 0.5, 1.0, 1.5)
+#: Arms of the benchmark task: what else differs between annotators.
+ARMS = {
+    "strength": "strength heterogeneity only",
+    "direction": "one group in four values 'superb' and 'awful' the other way (their own reward flips those words)",
+    "clickers": "one annotator in five labels uniformly at random",
+}
+_FLIPPED_WORDS = ("superb", "awful")
+_HELDOUT_PROMPTS = 8  # of the 40 prompts, never in a pair: the prompts of the sampling-based metrics
+
+
+@dataclass
+class BenchmarkTask:
+    """One draw of the benchmark task (see :func:`benchmark_task`): three splits and what generated them.
+
+    Every split has the columns ``prompt``, ``chosen``, ``rejected`` (the annotator's noisy label), ``annotator_id``,
+    ``group``, ``true_strength`` (the annotator's beta per unit of reward; 0 for a random clicker),
+    ``oracle_margin`` (``r(chosen) - r(rejected)`` under the annotator's group's own reward: positive where the
+    label agrees with the oracle), ``common_margin`` (the same under the majority's reward, the one the win rate
+    scores), ``p_true`` (the generator's probability that this annotator prefers ``chosen``), ``minority`` and
+    ``clicker`` (bool).
+    """
+
+    train: Any
+    validation: Any
+    test: Any
+    heldout_prompts: list[str]
+    annotators: Any  # pandas DataFrame: annotator_id, group, true_strength, log_strength, minority, clicker
+    base_strength: float
+    level: float
+    arm: str
+    seed: int
+    expected_label_accuracy: float
+    label_accuracy: dict[str, float]
+    realized_sd_log_strength: float
+
+
+def _check_level_arm(level: float, arm: str) -> float:
+    matches = [v for v in LEVELS if abs(float(level) - v) < 1e-9]
+    if not matches:
+        raise ValueError(f"unknown heterogeneity level {level!r}; accepted: {', '.join(map(str, LEVELS))}")
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; accepted: {', '.join(ARMS)}")
+    return matches[0]
+
+
+def _balanced(rng, n_annotators: int, n: int) -> np.ndarray:
+    """Annotator of each of n pairs, every annotator labelling n / n_annotators of them (+-1)."""
+    out = np.resize(rng.permutation(n_annotators), n)
+    rng.shuffle(out)
+    return out
+
+
+def _draw_pairs(rng, n: int, response_words: int, min_gap: float, values: np.ndarray) -> np.ndarray:
+    """Word indices of n response pairs, shape (n, 2, response_words), majority reward gap at least ``min_gap``."""
+    idx = rng.integers(len(values), size=(n, 2, response_words))
+    while True:
+        gap = values[idx[:, 0]].sum(-1) - values[idx[:, 1]].sum(-1)
+        tie = np.abs(gap) < min_gap
+        if not tie.any():
+            return idx
+        idx[tie] = rng.integers(len(values), size=(int(tie.sum()), 2, response_words))
+
+
+def benchmark_task(level: float, arm: str = "strength", seed: int = 0, *, n_groups: int = 50,
+                   annotators_per_group: int = 4, n_train: int = 2000, n_validation: int = 1000, n_test: int = 5000,
+                   label_accuracy: float = 0.80, clicker_share: float = 0.2, response_words: int = 3,
+                   min_oracle_gap: float = 0.25) -> BenchmarkTask:
+    """The pluralistic benchmark's task: many annotators, known strengths, a label accuracy fixed across levels.
+
+    Annotator a (of ``n_groups * annotators_per_group``, nested in groups) has strength
+    ``beta_a = b * exp(level * (sqrt(3/4) z_g + sqrt(1/4) z_a))`` with standard normal z's, so the sd of log-strength
+    is ``level`` (three quarters of its variance between groups), and prefers the first response of a pair with
+    probability ``sigmoid(beta_a * (r_a(y1) - r_a(y2)))``, r_a the bag-of-words reward of its group. The base
+    strength b is solved for so that the expected share of labels agreeing with the annotator's own oracle is
+    ``label_accuracy`` at every level and arm. The texts (prompts, responses, who labels what), the z's and the
+    uniforms deciding each label depend on ``seed`` only, so levels and arms of one seed are paired draws.
 
     Args:
-        tokenizer: gives the vocabulary size and the pad/eos ids.
-        hidden_size, num_layers, num_heads: model width, depth and attention heads.
-        seed: seed of the weight initialisation.
-        max_positions: maximum sequence length in tokens.
+        level: sd of log-strength, one of :data:`LEVELS`.
+        arm: one of :data:`ARMS`.
+        seed: seed of every draw.
+        n_groups, annotators_per_group: annotators, nested in groups (every fourth group is the minority of the
+            "direction" arm).
+        n_train, n_validation, n_test: pairs per split, each annotator labelling an equal share of each split.
+        label_accuracy: expected agreement of the labels with the annotators' own oracle (0.5 < it < 1).
+        clicker_share: share of annotators who click at random in the "clickers" arm.
+        response_words, min_oracle_gap: words per response; pairs whose majority rewards differ by less are redrawn.
 
     Returns:
-        ``transformers.GPTNeoXForCausalLM`` in float32, in train mode.
-    """
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+        :class:`BenchmarkTask`. Prompts of :attr:`BenchmarkTask.heldout_prompts` appear in no pair.
 
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        intermediate_size=4 * hidden_size,
-        max_position_embeddings=max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
+    Raises:
+        ValueError: an unknown level or arm (the accepted ones are listed), or a label accuracy that no base strength
+            reaches at this level and arm.
+    """
+    import datasets
+    import pandas as pd
+    from scipy import optimize, special
+
+    level = _check_level_arm(level, arm)
+    for name, value in (("n_groups", n_groups), ("annotators_per_group", annotators_per_group),
+                        ("n_train", n_train), ("n_validation", n_validation), ("n_test", n_test),
+                        ("response_words", response_words)):
+        check_count(name, value)
+    check_fraction("label_accuracy", label_accuracy)
+    check_fraction("clicker_share", clicker_share)
+    words = list(WORD_VALUES)
+    common = np.array([WORD_VALUES[w] for w in words])
+    own = common.copy()
+    for w in _FLIPPED_WORDS:
+        own[words.index(w)] *= -1
+
+    text_rng = np.random.default_rng([seed, 11])
+    prompts = [f"{v} the {i} :" for v in _VERBS for i in _ITEMS]
+    order = text_rng.permutation(len(prompts))
+    heldout = [prompts[k] for k in order[:_HELDOUT_PROMPTS]]
+    seen = [prompts[k] for k in order[_HELDOUT_PROMPTS:]]
+    n_annot = n_groups * annotators_per_group
+    sizes = {"train": n_train, "validation": n_validation, "test": n_test}
+    who = np.concatenate([_balanced(text_rng, n_annot, n) for n in sizes.values()])
+    n = len(who)
+    prompt_of = text_rng.integers(len(seen), size=n)
+    idx = _draw_pairs(text_rng, n, response_words, min_oracle_gap, common)
+
+    z_rng = np.random.default_rng([seed, 12])
+    dev = (math.sqrt(0.75) * z_rng.standard_normal(n_groups)[:, None]
+           + math.sqrt(0.25) * z_rng.standard_normal((n_groups, annotators_per_group))).reshape(-1)
+    group_of = np.repeat(np.arange(n_groups), annotators_per_group)
+    clicker = np.zeros(n_annot, bool)
+    if arm == "clickers":
+        clicker[np.random.default_rng([seed, 13]).permutation(n_annot)[: round(clicker_share * n_annot)]] = True
+    minority = (group_of % 4 == 3) if arm == "direction" else np.zeros(n_annot, bool)
+
+    gap_common = common[idx[:, 0]].sum(-1) - common[idx[:, 1]].sum(-1)
+    gap_own_all = own[idx[:, 0]].sum(-1) - own[idx[:, 1]].sum(-1)
+    gap = np.where(minority[who], gap_own_all, gap_common)
+    relative = np.exp(level * dev)  # beta_a / b
+
+    def p_first(log_b: float) -> np.ndarray:
+        p = special.expit(np.exp(log_b) * relative[who] * gap)
+        return np.where(clicker[who], 0.5, p)
+
+    def expected_accuracy(log_b: float) -> float:
+        p = p_first(log_b)
+        return float(np.mean(np.where(gap > 0, p, np.where(gap < 0, 1 - p, 0.5))))
+
+    lo, hi = expected_accuracy(-10.0), expected_accuracy(10.0)
+    if not lo < label_accuracy < hi:
+        raise ValueError(
+            f"no base strength gives label accuracy {label_accuracy} at level {level} (arm {arm!r}): the expected "
+            f"accuracy ranges over ({lo:.3f}, {hi:.3f}) from b = e^-10 to e^10"
+        )
+    log_b = optimize.brentq(lambda t: expected_accuracy(t) - label_accuracy, -10.0, 10.0, xtol=1e-12)
+    p1 = p_first(log_b)
+    first = np.random.default_rng([seed, 14]).random(n) < p1
+    b = math.exp(log_b)
+    strength = np.where(clicker, 0.0, b * relative)
+
+    def text(k: int, j: int) -> str:
+        return " " + " ".join(words[i] for i in idx[k, j])
+
+    sign = np.where(first, 1.0, -1.0)
+    columns = {
+        "prompt": [seen[k] for k in prompt_of],
+        "chosen": [text(k, 0 if first[k] else 1) for k in range(n)],
+        "rejected": [text(k, 1 if first[k] else 0) for k in range(n)],
+        "annotator_id": [f"g{group_of[a]:02d}-a{a % annotators_per_group}" for a in who],
+        "group": [f"g{group_of[a]:02d}" for a in who],
+        "true_strength": strength[who].tolist(),
+        "oracle_margin": (sign * gap).tolist(),
+        "common_margin": (sign * gap_common).tolist(),
+        "p_true": np.where(first, p1, 1 - p1).tolist(),
+        "minority": minority[who].tolist(),
+        "clicker": clicker[who].tolist(),
+    }
+    full = datasets.Dataset.from_dict(columns)
+    bounds = np.cumsum([0, *sizes.values()])
+    splits = {name: full.select(range(bounds[i], bounds[i + 1])) for i, name in enumerate(sizes)}
+
+    def realized(split) -> float:
+        m = np.asarray(split["oracle_margin"])
+        return float(np.mean(np.where(m > 0, 1.0, np.where(m < 0, 0.0, 0.5))))
+
+    annotators = pd.DataFrame({
+        "annotator_id": [f"g{g:02d}-a{a % annotators_per_group}" for a, g in enumerate(group_of)],
+        "group": [f"g{g:02d}" for g in group_of],
+        "true_strength": strength,
+        "log_strength": np.where(clicker, -np.inf, np.log(b * relative)),
+        "minority": minority,
+        "clicker": clicker,
+    })
+    informative = ~clicker
+    return BenchmarkTask(
+        train=splits["train"], validation=splits["validation"], test=splits["test"], heldout_prompts=heldout,
+        annotators=annotators, base_strength=b, level=level, arm=arm, seed=seed,
+        expected_label_accuracy=expected_accuracy(log_b),
+        label_accuracy={name: realized(split) for name, split in splits.items()},
+        realized_sd_log_strength=float(np.std(np.log(b * relative[informative]), ddof=1)),
     )
-    torch.manual_seed(seed)
-    return GPTNeoXForCausalLM(config)
-
-
-def pretrain(
-    model,
-    tokenizer,
-    texts: Sequence[str],
-    steps: int = 150,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> list[float]:
-    """Briefly pretrain a causal LM on ``texts`` (next-token loss, AdamW), in place.
-
-    Returns:
-        The loss of each step (nats per token).
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    texts = [t + tokenizer.eos_token for t in texts]
-    # Right padding, as TRL's preference collator pads: positions then count from the first real token.
-    enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    labels = ids.masked_fill(mask == 0, -100)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="Pretraining the tiny LM", disable=not progress, leave=False):
-        idx = torch.randint(len(texts), (batch_size,), generator=gen)
-        out = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        losses.append(float(out.loss.detach()))
-    model.eval()
-    return losses

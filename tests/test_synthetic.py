@@ -116,3 +116,61 @@ def test_tokenizer_and_tiny_model_offline():
     assert losses[0] == pytest.approx(math.log(len(tok)), rel=0.1)
     assert losses[-1] < 0.75 * losses[0]
     assert torch.isfinite(torch.tensor(losses)).all()
+
+
+# ---------------------------------------------------------------------------------------------- benchmark task
+@pytest.fixture(scope="module")
+def bench_tasks():
+    return {(arm, lv): synthetic.benchmark_task(lv, arm, seed=5, n_train=800, n_validation=400, n_test=800)
+            for arm in synthetic.ARMS for lv in (0.0, 1.5)}
+
+
+def test_benchmark_task_label_accuracy_is_fixed_across_levels_and_arms(bench_tasks):
+    for (arm, lv), task in bench_tasks.items():
+        assert task.expected_label_accuracy == pytest.approx(0.80, abs=1e-9), (arm, lv)
+        for split, acc in task.label_accuracy.items():
+            # binomial sd of a realized share over 400-800 labels is at most 0.02
+            assert abs(acc - 0.80) < 0.06, (arm, lv, split)
+        if lv == 0.0 and arm != "clickers":
+            assert task.realized_sd_log_strength == pytest.approx(0.0, abs=1e-12)
+
+
+def test_benchmark_task_rows_follow_the_generator(bench_tasks):
+    task = bench_tasks[("clickers", 1.5)]
+    t = task.test.to_pandas()
+    informative = ~t["clicker"]
+    expected = 1 / (1 + np.exp(-t["true_strength"] * t["oracle_margin"]))
+    np.testing.assert_allclose(t.loc[informative, "p_true"], expected[informative], rtol=1e-12)
+    assert (t.loc[~informative, "p_true"] == 0.5).all()
+    assert task.annotators["clicker"].mean() == pytest.approx(0.2)
+    assert len(task.annotators) == 200 and task.train.to_pandas()["annotator_id"].value_counts().eq(4).all()
+    r = synthetic.oracle_reward
+    for row in task.test.select(range(20)):
+        assert row["common_margin"] == pytest.approx(r(row["chosen"]) - r(row["rejected"]))
+    assert not set(task.heldout_prompts) & set(t["prompt"]) and len(task.heldout_prompts) == 8
+    assert task.realized_sd_log_strength == pytest.approx(1.5, rel=0.35)
+
+
+def test_benchmark_task_direction_arm_flips_the_minority_reward(bench_tasks):
+    t = bench_tasks[("direction", 1.5)].train.to_pandas()
+    minority = t[t["minority"]]
+    assert set(minority["group"].str[1:].astype(int) % 4) == {3}
+    assert (minority["oracle_margin"] != minority["common_margin"]).any()
+    assert (t.loc[~t["minority"], "oracle_margin"] == t.loc[~t["minority"], "common_margin"]).all()
+
+
+def test_benchmark_task_levels_and_arms_of_a_seed_share_their_texts(bench_tasks):
+    a, b = bench_tasks[("strength", 0.0)].train, bench_tasks[("clickers", 1.5)].train
+    assert a["prompt"] == b["prompt"] and a["annotator_id"] == b["annotator_id"]
+    pairs_a = [frozenset(p) for p in zip(a["chosen"], a["rejected"], strict=True)]
+    pairs_b = [frozenset(p) for p in zip(b["chosen"], b["rejected"], strict=True)]
+    assert pairs_a == pairs_b
+
+
+def test_benchmark_task_bad_input():
+    with pytest.raises(ValueError, match=r"unknown heterogeneity level 0\.7; accepted: 0\.0, 0\.5, 1\.0, 1\.5"):
+        synthetic.benchmark_task(0.7)
+    with pytest.raises(ValueError, match="unknown arm 'noise'; accepted: strength, direction, clickers"):
+        synthetic.benchmark_task(0.5, "noise")
+    with pytest.raises(ValueError, match=r"no base strength gives label accuracy 0\.95 at level 1\.0 \(arm 'clickers'\)"):
+        synthetic.benchmark_task(1.0, "clickers", n_train=200, n_validation=200, n_test=200, label_accuracy=0.95)
