@@ -80,6 +80,10 @@ class MixDPOConfig(DPOConfig):
             reported phi is a stationary point of the objective on the final policy's margins.
         strength_refit_steps (`int`, defaults to `10`):
             Optimizer steps between refits (`strength_update="refit"`).
+        strength_refresh_steps (`int`, *optional*):
+            With `strength_update="refit"`, also refresh every cached margin by a no-grad pass over the training
+            set every this many steps before refitting (None: only when training ends). Cached margins are as old
+            as the last visit of their pair, up to an epoch; a refresh makes the refit that of the current policy.
         group_column (`str`, *optional*):
             Subgroup or annotator column of the datasets; it survives preprocessing, and evaluation then reports
             the macro (over groups) preference accuracy `rewards/accuracies_macro` next to TRL's micro one.
@@ -95,6 +99,7 @@ class MixDPOConfig(DPOConfig):
     strength_learnable: bool = field(default=False, metadata={"help": "learn the point strength's beta"})
     strength_update: str = field(default="gradient", metadata={"help": "gradient | refit"})
     strength_refit_steps: int = field(default=10, metadata={"help": "steps between refits of phi"})
+    strength_refresh_steps: int | None = field(default=None, metadata={"help": "steps between margin refreshes"})
     group_column: str | None = field(default=None, metadata={"help": "subgroup or annotator column"})
 
     def __post_init__(self):
@@ -108,6 +113,7 @@ class MixDPOConfig(DPOConfig):
         check_bool("strength_learnable", self.strength_learnable)
         check_choice("strength_update", self.strength_update, STRENGTH_UPDATES)
         check_count("strength_refit_steps", self.strength_refit_steps)
+        check_count("strength_refresh_steps", self.strength_refresh_steps, allow_none=True)
         try:
             check_positive("beta", self.beta)
         except ValueError as e:

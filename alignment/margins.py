@@ -75,8 +75,8 @@ class StrengthRefit(TrainerCallback):
     check that phi has stopped moving.
     """
 
-    def __init__(self, trainer, every: int):
-        self.trainer, self.every = trainer, int(every)
+    def __init__(self, trainer, every: int, refresh_every: int | None = None):
+        self.trainer, self.every, self.refresh_every = trainer, int(every), refresh_every
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last_fit: dict[str, Any] | None = None
 
@@ -88,15 +88,21 @@ class StrengthRefit(TrainerCallback):
                                      self.trainer.args.objective)
         self.history.append((int(step), strength_vector(strength)))
 
+    def refresh(self) -> None:
+        """Recompute every training pair's margin under the current policy (one no-grad pass)."""
+        fresh = self.trainer.pair_margins(self.trainer.train_dataset, batch_size=256)
+        self.trainer.margin_cache.update(torch.as_tensor(fresh["row"]), torch.as_tensor(fresh["margin"]))
+
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0:
+        refresh = bool(self.refresh_every) and state.global_step % self.refresh_every == 0
+        if refresh:
+            self.refresh()
+        if refresh or state.global_step % self.every == 0:
             self.refit(state.global_step, self.trainer.margin_cache.seen())
 
     def on_train_end(self, args, state, control, **kwargs):
-        fresh = self.trainer.pair_margins(self.trainer.train_dataset, batch_size=256)
-        cache = self.trainer.margin_cache
-        cache.update(torch.as_tensor(fresh["row"]), torch.as_tensor(fresh["margin"]))
-        self.refit(state.global_step, cache.seen())
+        self.refresh()
+        self.refit(state.global_step, self.trainer.margin_cache.seen())
 
 
 class PairMarginsMixin:

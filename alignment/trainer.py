@@ -121,7 +121,7 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
         self.margin_cache = self.strength_refit = None
         if args.strength_update == "refit":
             self.margin_cache = MarginCache(max(self.train_dataset[ROW_COLUMN]) + 1)
-            self.strength_refit = StrengthRefit(self, args.strength_refit_steps)
+            self.strength_refit = StrengthRefit(self, args.strength_refit_steps, args.strength_refresh_steps)
             self.add_callback(self.strength_refit)
 
     # ------------------------------------------------------------------ configuration checks

@@ -162,3 +162,19 @@ def test_config_refuses_bad_refit_settings(tmp_path):
         MixDPOConfig(output_dir=str(tmp_path), strength_update="newton", bf16=False, use_cpu=True)
     with pytest.raises(ValueError, match="strength_learnable=True applies to strength='point'"):
         MixDPOConfig(output_dir=str(tmp_path), strength="gamma", strength_learnable=True, bf16=False, use_cpu=True)
+
+
+def test_refresh_steps_refit_on_the_current_policys_margins(tmp_path, tiny):
+    tr = _trainer(tmp_path, tiny, strength="gamma", strength_fix_mean=True, strength_refresh_steps=3)
+    seen = []
+    original = tr.strength_refit.refresh
+
+    def spy():
+        seen.append(tr.state.global_step)
+        original()
+
+    tr.strength_refit.refresh = spy
+    tr.train()
+    assert seen == [3, 6, 6]  # every 3 steps, and once when training ends
+    assert [step for step, _ in tr.strength_refit.history] == [2, 3, 4, 6, 6]
+    assert not torch.isnan(tr.margin_cache.margins).any()  # a refresh fills every pair, visited or not
