@@ -283,15 +283,17 @@ def _balanced(rng, n_annotators: int, n: int) -> np.ndarray:
     return out
 
 
-def _draw_pairs(rng, n: int, response_words: int, min_gap: float, values: np.ndarray) -> np.ndarray:
-    """Word indices of n response pairs, shape (n, 2, response_words), majority reward gap at least ``min_gap``."""
-    idx = rng.integers(len(values), size=(n, 2, response_words))
+def _draw_pairs(rng, n: int, response_words: int, min_gap: float, *rewards: np.ndarray) -> np.ndarray:
+    """Word indices of n response pairs, shape (n, 2, response_words), whose gap under every reward (word values)
+    is at least ``min_gap``: no near ties for the majority or for the minority of the "direction" arm."""
+    idx = rng.integers(len(rewards[0]), size=(n, 2, response_words))
     while True:
-        gap = values[idx[:, 0]].sum(-1) - values[idx[:, 1]].sum(-1)
-        tie = np.abs(gap) < min_gap
+        tie = np.zeros(n, bool)
+        for values in rewards:
+            tie |= np.abs(values[idx[:, 0]].sum(-1) - values[idx[:, 1]].sum(-1)) < min_gap
         if not tie.any():
             return idx
-        idx[tie] = rng.integers(len(values), size=(int(tie.sum()), 2, response_words))
+        idx[tie] = rng.integers(len(rewards[0]), size=(int(tie.sum()), 2, response_words))
 
 
 def benchmark_task(level: float, arm: str = "strength", seed: int = 0, *, n_groups: int = 50,
@@ -317,7 +319,8 @@ def benchmark_task(level: float, arm: str = "strength", seed: int = 0, *, n_grou
         n_train, n_validation, n_test: pairs per split, each annotator labelling an equal share of each split.
         label_accuracy: expected agreement of the labels with the annotators' own oracle (0.5 < it < 1).
         clicker_share: share of annotators who click at random in the "clickers" arm.
-        response_words, min_oracle_gap: words per response; pairs whose majority rewards differ by less are redrawn.
+        response_words, min_oracle_gap: words per response; pairs whose rewards differ by less (under the majority's
+            or the direction arm minority's values, in every arm) are redrawn.
 
     Returns:
         :class:`BenchmarkTask`. Prompts of :attr:`BenchmarkTask.heldout_prompts` appear in no pair.
@@ -353,7 +356,7 @@ def benchmark_task(level: float, arm: str = "strength", seed: int = 0, *, n_grou
     who = np.concatenate([_balanced(text_rng, n_annot, n) for n in sizes.values()])
     n = len(who)
     prompt_of = text_rng.integers(len(seen), size=n)
-    idx = _draw_pairs(text_rng, n, response_words, min_oracle_gap, common)
+    idx = _draw_pairs(text_rng, n, response_words, min_oracle_gap, common, own)
 
     z_rng = np.random.default_rng([seed, 12])
     dev = (math.sqrt(0.75) * z_rng.standard_normal(n_groups)[:, None]

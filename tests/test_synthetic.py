@@ -174,3 +174,9 @@ def test_benchmark_task_bad_input():
         synthetic.benchmark_task(0.5, "noise")
     with pytest.raises(ValueError, match=r"no base strength gives label accuracy 0\.95 at level 1\.0 \(arm 'clickers'\)"):
         synthetic.benchmark_task(1.0, "clickers", n_train=200, n_validation=200, n_test=200, label_accuracy=0.95)
+
+
+def test_benchmark_task_has_no_oracle_ties_in_any_arm(bench_tasks):
+    for (arm, lv), task in bench_tasks.items():
+        for split in (task.train, task.validation, task.test):
+            assert np.min(np.abs(split["oracle_margin"])) >= 0.25 - 1e-12, (arm, lv)
