@@ -383,12 +383,40 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
             self.run_id = checkpoints.checkpoint_run_id(ckpt) or self.run_id
         if self.args.should_save:
             checkpoints.remove_staging(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            finished = self._finished_checkpoint(os.fspath(resume_from_checkpoint))
+            if finished is not None:
+                return finished
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint or None,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+
+    def _finished_checkpoint(self, checkpoint: str):
+        """Finish a run from a checkpoint written at its last step, without training (None if steps remain).
+
+        Transformers' resume arithmetic re-enters the epoch that held ``max_steps`` and runs the rest of it before
+        it checks the limit, so resuming from the final checkpoint of a run killed before its final save would
+        train past ``max_steps``. Here the weights are loaded and the run ends at the checkpoint's step.
+        """
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if not (self.args.max_steps > 0 and state.global_step >= self.args.max_steps):
+            return None
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        # A training of no steps: callbacks see it begin (progress bars, loggers) and end (the final refit).
+        self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        self.control.should_training_stop = True
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        loss = sum(losses) / len(losses) if losses else float("nan")
+        return TrainOutput(state.global_step, loss, {"train_loss": loss})
 
     def _restore_strength(self, checkpoint: str) -> None:
         restore_strength(self._strength, checkpoint, self._strength_meta, map_location=self.accelerator.device)

@@ -50,7 +50,7 @@ def _settings(a) -> dict:
 
     from pluralistic_runs import Scale, methods_for
 
-    scale = Scale(n_train=600, n_validation=300, n_test=600, steps=60, pretrain_steps=120) if a.quick else Scale()
+    scale = Scale(n_train=600, n_validation=300, n_test=600, steps=150, pretrain_steps=120) if a.quick else Scale()
     arms = ["strength"] if a.quick else a.arms
     levels = [0.0, 1.5] if a.quick else a.levels
     return {

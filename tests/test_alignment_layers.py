@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import alignment
+from alignment import run_dir
 
 PACKAGE = Path(alignment.__file__).parent
 
@@ -106,10 +107,15 @@ assert main(["report", {str(run)!r}]) == 0
     for name in ("report.md", "strength_density.png", "pair_strengths.png", "strength_by_group.png"):
         assert (run / "report" / name).is_file(), name
     info = json.loads((run / "strength.json").read_text())
-    # The strength.json layout is the one MixDPOTrainer has always written.
-    assert list(info) == ["family", "init", "integrator", "nodes", "fix_mean", "beta", "objective",
+    # The strength.json layout MixDPOTrainer writes ("learnable" joined it with the learned-beta DPO).
+    assert list(info) == ["family", "init", "integrator", "nodes", "fix_mean", "beta", "objective", "learnable",
                           "format_version", "group_column", "group_names", "params", "mean", "std", "cv"]
     assert info["init"] == {"shape": 3.0, "rate": 30.0} and info["format_version"] == 1
+    # A point strength's file written before "learnable" existed still reads, as the fixed beta of DPO.
+    point = run_dir.strength_settings("point", 0.3, learnable=True)
+    assert [p.requires_grad for p in run_dir.strength_from_settings(point).parameters()] == [True]
+    del point["learnable"]
+    assert list(run_dir.strength_from_settings(point).parameters()) == []  # beta is a buffer
 
 
 def test_implicit_prompts_are_split_by_trl_before_evaluation(tmp_path, capsys):

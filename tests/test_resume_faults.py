@@ -110,11 +110,11 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_result(task, capsys
                 status = _until(lambda: _staged(run), launcher)
             else:  # a random moment after the process made a new complete checkpoint
                 status = _until(lambda start=start: _step(checkpoints.last_complete(run)) > start, launcher)
-                # ... up to 0.3 s later, but before the final step's checkpoint: resuming from that one runs one
-                # step more in transformers' resume arithmetic (a known limit, see the closing notes).
+                # ... up to 0.3 s later, but before a second new checkpoint: each kill moves the run on by one or
+                # two steps, so all KILLS land before the run ends (its final checkpoint is resumed from below).
                 deadline = time.monotonic() + rng.uniform(0.0, 0.3)
                 while status is None and time.monotonic() < deadline:
-                    if _step(checkpoints.last_complete(run)) >= STEPS - 1:
+                    if _step(checkpoints.last_complete(run)) >= start + 2:
                         break
                     status = launcher.line(0.002)
             if status is None:
@@ -153,6 +153,13 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_result(task, capsys
 
         # The last resume runs to the end, into the run's own folder, without --overwrite.
         launcher.start([*_train_args(base, data, run), "--resume", resume], log=str(log))
+        status = launcher.line(300)
+        assert status == "done 0", (status, log.read_text())
+        # A run killed after its final checkpoint but before its final save resumes from that checkpoint to the
+        # same end: no step past --max-steps (transformers alone would run the epoch on).
+        final = run / f"checkpoint-{STEPS}"
+        assert checkpoints.last_complete(str(run)) == str(final)
+        launcher.start([*_train_args(base, data, run), "--resume", str(final)], log=str(log))
         status = launcher.line(300)
         assert status == "done 0", (status, log.read_text())
     finally:

@@ -209,6 +209,23 @@ def test_checkpoint_resume_restores_strength(task, tmp_path):
         _mix(task, tmp_path, max_steps=4, **common).train(resume_from_checkpoint=str(tmp_path))
 
 
+def test_resume_from_the_final_checkpoint_trains_no_further(task, tmp_path):
+    """A run killed after its last checkpoint but before its final save resumes to the same end, not past it.
+
+    max_steps=3 ends inside the first epoch, where transformers' resume arithmetic would run the epoch on.
+    """
+    common = {"strength": "lognormal", "strength_learning_rate": 0.05, "save_strategy": "steps", "save_steps": 1}
+    whole = _mix(task, tmp_path, max_steps=3, **common)
+    whole.train()
+    resumed = _mix(task, tmp_path, max_steps=3, **common)
+    out = resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    assert resumed.state.global_step == out.global_step == 3
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.strength.family_params() == whole.strength.family_params()
+    assert out.training_loss == pytest.approx(sum(_logged(whole, "loss")) / 3)
+
+
 def test_group_column_survives_and_macro_accuracy(task, tmp_path):
     trainer = _mix(task, tmp_path, strength="gamma", group_column="group", max_steps=2)
     assert {"group", "mixdpo_group_id"} <= set(trainer.train_dataset.column_names)
