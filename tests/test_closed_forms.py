@@ -108,7 +108,8 @@ def test_zero_margin_is_one_half_with_the_right_slope():
         h = torch.zeros((), dtype=torch.float64, requires_grad=True)
         lp = log_expected_logistic_gamma(h, k, lam)
         (g,) = torch.autograd.grad(lp, h)
-        assert abs(float(lp.detach()) - math.log(0.5)) < 1e-15
+        # (1.8e-15 measured on one torch thread, 0 on two: the order of the node sum)
+        assert abs(float(lp.detach()) - math.log(0.5)) < 1e-14
         # d/dh log E[sigmoid(beta h)] at 0 = E[beta] / 4 / (1/2) = k / (2 lam)
         assert abs(float(g) - k / (2 * lam)) < 1e-12 * k / lam
 
