@@ -150,6 +150,8 @@ def plots(summary: pd.DataFrame, best: pd.DataFrame, runs: pd.DataFrame, out: st
                 ax.errorbar(lv + offset, mean, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=3,
                             capsize=2, label=method, lw=1.5 if method == "DPO" else 1, color="k" if method == "DPO"
                             else None)
+            if col == "acc":  # an accuracy is at most 1, whatever a few-seed t-interval says
+                ax.set_ylim(top=min(1.0, ax.get_ylim()[1]) + 0.005)
             ax.set_xlabel("heterogeneity (sd of log-strength)")
             ax.set_ylabel(label)
             ax.set_title(f"arm {arm}", fontsize=9)
