@@ -377,16 +377,14 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
             resume_from_checkpoint = checkpoints.last_complete(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint found in output directory ({self.args.output_dir})")
-        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            ckpt = os.fspath(resume_from_checkpoint)
+        ckpt = os.fspath(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, os.PathLike)) else None
+        if ckpt is not None:
             checkpoints.check_resumable(ckpt, lambda: self._restore_strength(ckpt))
             self.run_id = checkpoints.checkpoint_run_id(ckpt) or self.run_id
         if self.args.should_save:
             checkpoints.remove_staging(self.args.output_dir)
-        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            finished = self._finished_checkpoint(os.fspath(resume_from_checkpoint))
-            if finished is not None:
-                return finished
+        if ckpt is not None and (finished := self._finished_checkpoint(ckpt)) is not None:
+            return finished
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint or None,
             trial=trial,
