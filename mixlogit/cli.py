@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from .data import ChoiceData
-from .datasets import DATASETS, ELECTRICITY_COLUMNS, ELECTRICITY_E1
+from .datasets import DATASET_COLUMNS, DATASET_MODELS, DATASETS
 from .diagnostics import PLOT_FILES, write_report
 from .diagnostics.report import REPORT_FILES
 from .draws import DRAW_TYPES
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit a model and write results.json, params.csv and summary.txt")
     f.add_argument("file", nargs="?", help="long-format CSV (one row per alternative per choice situation)")
     f.add_argument("--dataset", choices=sorted(DATASETS), help="a built-in data set instead of FILE "
-                   "(electricity: spec E1, six normal coefficients, panel by id, unless --random/--fixed given)")
+                   "(electricity: spec E1, six normal coefficients, panel by id; train: the Netherlands train "
+                   "binary panel, S-MNL on price, time, change, comfort; unless --random/--fixed given)")
     f.add_argument("--sep", default=",", help="column separator of FILE (default: %(default)r; '\\t' for tabs)")
     f.add_argument("--choice", help="column with 1/True for the chosen alternative")
     f.add_argument("--alt", help="alternative label column")
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fixed", help="fixed coefficients, e.g. loc,wk")
     f.add_argument("--asc", action="store_true", help="alternative-specific constants")
     f.add_argument("--base-alt", help="reference alternative for the constants")
+    f.add_argument("--scale", choices=["lognormal"], help="a random scale of the whole utility per person "
+                   "(panel) or situation: S-MNL with --fixed, G-MNL-style scaling of --random coefficients")
     f.add_argument("--correlated", nargs="?", const="all", help="correlate normal random coefficients "
                    "(all, or a comma-separated list)")
     f.add_argument("--method", default="msl", choices=["msl", "svi", "nuts"])
@@ -143,7 +146,7 @@ def _reload_data(settings: dict) -> ChoiceData | None:
         return None
     if "dataset" in src:
         df = DATASETS[src["dataset"]]()
-        cols = dict(ELECTRICITY_COLUMNS)
+        cols = dict(DATASET_COLUMNS[src["dataset"]])
     else:
         path = Path(src["file"])
         if not path.exists():
@@ -165,12 +168,16 @@ def _load_data(args) -> tuple[ChoiceData, dict, list]:
         if args.sep != ",":
             raise SystemExit("--sep applies to a CSV FILE, not to --dataset")
         df = DATASETS[args.dataset]()
-        cols = dict(ELECTRICITY_COLUMNS)
+        cols = dict(DATASET_COLUMNS[args.dataset])
         for k in ("choice", "alt", "situation", "panel"):
             if getattr(args, k):
                 cols[k] = getattr(args, k)
-        random = _parse_random(args.random) if (args.random or args.fixed) else dict(ELECTRICITY_E1["random"])
-        fixed = _parse_list(args.fixed) if (args.random or args.fixed) else list(ELECTRICITY_E1["fixed"])
+        default = DATASET_MODELS[args.dataset]
+        given = bool(args.random or args.fixed)
+        random = _parse_random(args.random) if given else dict(default["random"])
+        fixed = _parse_list(args.fixed) if given else list(default["fixed"])
+        if not given and args.scale is None:
+            args.scale = default.get("scale")
     elif args.file:
         path = Path(args.file)
         if not path.exists():
@@ -242,7 +249,8 @@ def cmd_fit(args) -> int:
         correlated = True
     elif args.correlated:
         correlated = _parse_list(args.correlated)
-    model = MixedLogit(random=random, fixed=fixed, asc=args.asc, base_alt=args.base_alt, correlated=correlated)
+    model = MixedLogit(random=random, fixed=fixed, asc=args.asc, base_alt=args.base_alt, correlated=correlated,
+                       scale=args.scale)
     print(f"{data}\n{model}", flush=True)
     if args.method == "msl":
         res = model.fit(data, method="msl", draws=args.draws, draw_type=args.draw_type,

@@ -15,7 +15,7 @@ from .msl import SEPARATION, MSLProblem, identification_problems, maximize, poli
 from .persistence import jsonable
 from .progress import progress_bar
 from .results import MixedLogitResults
-from .spec import Spec
+from .spec import Spec, check_scale
 from .validation import check_bool, check_int, check_positive, check_seed
 
 METHODS = ("msl", "svi", "nuts")
@@ -38,10 +38,14 @@ class MixedLogit:
     base_alt : the reference alternative for the constants (default: the first alternative in sorted order).
     correlated : False, True (all random coefficients, which must be normal) or a list of random normal columns
         whose draws are correlated through a full Cholesky factor.
+    scale : None, or ``"lognormal"``: a random scale ``s_n`` of the whole utility, one per unit (a person in a
+        panel, else a choice situation), lognormal with ``E[s] = 1``; its parameter ``sd.scale`` is the sd of
+        ``log s``. With fixed coefficients alone this is the scale-heterogeneity logit (S-MNL); with random
+        ones it scales them too, ``U = s_n beta_n' x + eps``.
     """
 
     def __init__(self, random: dict[str, str] | None = None, fixed: list[str] | None = None, asc: bool = False,
-                 base_alt=None, correlated: bool | list[str] = False):
+                 base_alt=None, correlated: bool | list[str] = False, scale: str | None = None):
         # A string where a collection is expected would be split into characters: say so instead.
         if random is not None and not isinstance(random, dict):
             raise TypeError(f"random must be a dict mapping column -> distribution name, e.g. {{'pf': 'normal'}}; "
@@ -89,20 +93,24 @@ class MixedLogit:
         if len(correlated) == 1:
             raise ValueError(f"correlated names one random coefficient ({correlated[0]!r}); a correlation needs at "
                              "least two normal random coefficients: add another or drop correlated=")
+        check_scale(scale)
         if not random and not fixed and not asc:
+            if scale:
+                raise ValueError(f"scale={scale!r} multiplies the utility, but the model has no coefficients for it "
+                                 "to scale: give random=, fixed= or asc=True")
             raise ValueError("the model has no coefficients: give random=, fixed= or asc=True")
         self.random, self.fixed, self.asc, self.base_alt = random, fixed, bool(asc), base_alt
-        self.correlated = correlated
+        self.correlated, self.scale = correlated, scale
 
     def __repr__(self):
         return (f"MixedLogit(random={self.random}, fixed={self.fixed}, asc={self.asc}, base_alt={self.base_alt!r}, "
-                f"correlated={self.correlated or False})")
+                f"correlated={self.correlated or False}" + (f", scale={self.scale!r})" if self.scale else ")"))
 
     def to_dict(self) -> dict:
         """The constructor's arguments as JSON values: ``MixedLogit(**m.to_dict())`` rebuilds the model."""
         return {"random": dict(self.random), "fixed": list(self.fixed), "asc": bool(self.asc),
                 "base_alt": jsonable(self.base_alt),
-                "correlated": list(self.correlated)}
+                "correlated": list(self.correlated), **({"scale": self.scale} if self.scale else {})}
 
     # ------------------------------------------------------------------ spec for a data set
     def spec_for(self, data: ChoiceData) -> Spec:
@@ -123,7 +131,7 @@ class MixedLogit:
         if clash:
             raise ValueError(f"fixed names {clash[0]!r}, which is also an alternative-specific constant of asc=True; "
                              "drop it from fixed= (asc=True adds the constants) or rename the column")
-        return Spec(random=self.random, fixed=asc_cols + self.fixed, correlated=self.correlated)
+        return Spec(random=self.random, fixed=asc_cols + self.fixed, correlated=self.correlated, scale=self.scale)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, data: ChoiceData, method: str = "msl", **kwargs):
@@ -136,6 +144,9 @@ class MixedLogit:
         if method == "msl":
             return self.fit_msl(data, **kwargs)
         if method in ("svi", "nuts"):
+            if self.scale:
+                raise ValueError(f"scale={self.scale!r} is estimated by method='msl' only for now (the Bayesian "
+                                 "estimators have no prior for sd.scale yet)")
             from .bayes.fit import fit as fit_bayes  # the one deferred import: Pyro loads only when used
 
             return fit_bayes(self, data, method=method, **kwargs)
@@ -147,8 +158,8 @@ class MixedLogit:
         check_bool("antithetic", antithetic)
         spec = self.spec_for(data)
         design = data.design(spec.random_names, spec.fixed)
-        if spec.n_random:
-            rule = make_rule(draw_type, design.n_units, draws, spec.n_random, seed=seed, antithetic=antithetic)
+        if spec.n_draw_dims:
+            rule = make_rule(draw_type, design.n_units, draws, spec.n_draw_dims, seed=seed, antithetic=antithetic)
         else:
             check_draws(draws)
             if draw_type not in DRAW_TYPES:
@@ -158,7 +169,7 @@ class MixedLogit:
 
     def start_values(self, data: ChoiceData, spec: Spec) -> np.ndarray:
         """Starting values: a plain MNL fit for the fixed coefficients and the random ones' locations,
-        spreads 0.1 (lognormal locations start at the log of the MNL coefficient's magnitude)."""
+        spreads (and ``sd.scale``) 0.1 (lognormal locations start at the log of the MNL coefficient's magnitude)."""
         mnl_problem = MSLProblem(Spec(random={}, fixed=spec.fixed + spec.random_names),
                                  data.design([], spec.fixed + spec.random_names), no_draws_rule())
         opt = maximize(mnl_problem, np.zeros(mnl_problem.spec.n_params))
@@ -173,7 +184,8 @@ class MixedLogit:
                 loc.append(np.log(max(-v, 1e-2)))
             else:
                 loc.append(v)
-        return np.concatenate([b[:kf], loc, np.full(spec.n_random, 0.1), np.zeros(len(spec.chol_pairs))])
+        return np.concatenate([b[:kf], loc, np.full(spec.n_random, 0.1), np.zeros(len(spec.chol_pairs)),
+                               np.full(1 if spec.scale else 0, 0.1)])
 
     def fit_msl(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton", antithetic: bool = False,
                 seed: int | None = 0, start=None, multistart: int = 0, maxiter: int = 2000, gtol: float = 1e-5,
@@ -267,6 +279,7 @@ class MixedLogit:
                 raise ValueError(f"start names {unknown[0]!r}, not a parameter; parameters are: {names}")
             x = np.zeros(len(names))
             x[spec.slices()["spread"]] = 0.1
+            x[spec.slices()["scale"]] = 0.1
             for k, v in start.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
                     raise ValueError(f"start[{k!r}] must be a finite number, got {v!r}")

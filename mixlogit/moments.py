@@ -29,8 +29,12 @@ def _moment_rule():
 def marginal_transform(spec: Spec, theta: torch.Tensor, k: int, z: torch.Tensor) -> torch.Tensor:
     """Random coefficient ``k`` at standard normal points ``z`` (any shape): the transform of its marginal
     distribution. theta: (P,). A correlated normal coefficient has a normal marginal with sd
-    ``sqrt((L L')_kk)``; every other family applies its own transform."""
+    ``sqrt((L L')_kk)``; every other family applies its own transform. ``k = Kr`` (one past the random
+    coefficients) is a random scale: lognormal with sd ``tau`` of its log and mean one."""
     sl = spec.slices()
+    if spec.scale and k == spec.n_random:
+        tau = theta[sl["scale"]][0]
+        return torch.exp(tau * z - 0.5 * tau * tau)
     loc = theta[sl["loc"]][k]
     if k in spec.corr_index:
         L = spec.cholesky(theta)

@@ -41,6 +41,8 @@ class MSLProblem:
         self.chunks = [slice(i, min(i + size, d.n_units)) for i in range(0, d.n_units, size)]
         self._needs_avail = d.has_unavailable
         self._needs_mask = not bool(d.situation_mask.all())  # balanced panels have no padded situations
+        # A random scale multiplies the fixed coefficients too, so every column enters the kernel per draw.
+        self._x_all_diff = d.x_diff if self.spec.scale else None
 
     # ------------------------------------------------------------------ values
     def unit_loglik(self, theta: torch.Tensor, index: slice, rule: IntegrationRule | None = None) -> torch.Tensor:
@@ -52,17 +54,18 @@ class MSLProblem:
         """sum_t log L_nt(beta_nr) for the units in ``index``: (len(index), R)."""
         rule = rule or self.rule
         d = self.design
+        avail = d.avail_diff[index] if self._needs_avail else None
+        mask = d.situation_mask[index] if self._needs_mask else None
+        if self.spec.scale:
+            beta = self.spec.scaled_coefficients(theta, rule.for_units(index))  # (n, R, Kr + Kf)
+            return conditional_loglik(self._x_all_diff[index], beta, avail=avail, situation_mask=mask)
         beta = self.spec.coefficients(theta, rule.for_units(index))
         fixed = None
         if self.spec.n_fixed:
             bf = self.spec.fixed_coefficients(theta)
             xf = d.x_fixed_diff[index]
             fixed = xf @ bf if bf.dim() == 1 else torch.einsum("ntak,nk->nta", xf, bf)
-        return conditional_loglik(
-            d.x_rand_diff[index], beta, fixed_diff=fixed,
-            avail=d.avail_diff[index] if self._needs_avail else None,
-            situation_mask=d.situation_mask[index] if self._needs_mask else None,
-        )
+        return conditional_loglik(d.x_rand_diff[index], beta, fixed_diff=fixed, avail=avail, situation_mask=mask)
 
     def loglik(self, theta: np.ndarray | torch.Tensor, rule: IntegrationRule | None = None) -> float:
         th = torch.as_tensor(theta, dtype=torch.float64)

@@ -55,8 +55,9 @@ class MixedLogitResults(FitResults):
                           "pseudo-inverse and unreliable (is a parameter unidentified?)", RuntimeWarning, stacklevel=4)
         # Sign flips of spreads are reparametrizations: carry them into the covariances.
         self._flip = np.ones(len(self.theta))
-        sp = spec.slices()["spread"]
+        sp, sc = spec.slices()["spread"], spec.slices()["scale"]
         self._flip[sp] = np.where(self.theta[sp] < 0, -1.0, 1.0)
+        self._flip[sc] = np.where(self.theta[sc] < 0, -1.0, 1.0)  # sd.scale enters only through tau^2 and tau*z
         # For correlated coefficients the flip is a sign change of a Cholesky column: the off-diagonal
         # entries of that column change sign with its diagonal (L D, D = diag(+-1), leaves L L' unchanged).
         ch = spec.slices()["chol"].start
@@ -140,8 +141,9 @@ class MixedLogitResults(FitResults):
 
     def _summary_head(self) -> list[str]:
         s = self.settings
-        rule = "no random coefficients" if not self.spec.n_random else f"{s.get('draws')} {s.get('draw_type')} draws"
-        if self.spec.n_random and s.get("nodes") is not None:
+        random = self.spec.n_draw_dims  # random coefficients, and a random scale
+        rule = "no random coefficients" if not random else f"{s.get('draws')} {s.get('draw_type')} draws"
+        if random and s.get("nodes") is not None:
             rule = f"{s.get('draw_type')} rule, {s['nodes']} nodes (draws={s.get('draws')})"
         head = [
             f"Mixed logit, {s.get('method', 'msl').upper()} ({rule})",
@@ -301,24 +303,31 @@ class MixedLogitResults(FitResults):
                                        s.get("antithetic", False), s.get("seed", 0))
 
     def _per_draw(self, data: ChoiceData):
-        """Yield (chunk, beta (n or 1, R, Kr), fixed coefficients, problem) over unit chunks."""
+        """Yield (chunk, x (n, T, J, K'), beta (n or 1, R, K'), fixed utility (n, T, J) or None, problem) over
+        unit chunks. Without a random scale, x and beta hold the Kr random columns and the fixed coefficients
+        enter through the fixed utility; with one, every coefficient is a (scaled) draw: K' = Kr + Kf."""
         problem = self._problem(data)
         th = torch.as_tensor(self.theta, dtype=torch.float64)
+        d, sp = problem.design, self.spec
+        x_all = d.x if sp.scale else None
         for c in problem.chunks:
-            yield c, self.spec.coefficients(th, problem.rule.for_units(c)), self.spec.fixed_coefficients(th), problem
+            z = problem.rule.for_units(c)
+            if sp.scale:
+                yield c, x_all[c], sp.scaled_coefficients(th, z), None, problem
+            else:
+                fixed = d.x_fixed[c] @ sp.fixed_coefficients(th) if sp.n_fixed else None
+                yield c, d.x_rand[c], sp.coefficients(th, z), fixed, problem
 
     def predict(self, data: ChoiceData) -> pd.Series:
         """Mixed choice probability of every row of ``data.df`` (same index), integrating over the
         coefficient distribution with the fit's integration settings."""
         out = None
         with torch.no_grad():
-            for c, beta, bf, problem in self._per_draw(data):
+            for c, x, beta, fixed, problem in self._per_draw(data):
                 d = problem.design
                 if out is None:
                     out = torch.zeros(d.avail.shape, dtype=torch.float64)
-                fixed = d.x_fixed[c] @ bf if self.spec.n_fixed else None
-                out[c] = choice_probabilities(d.x_rand[c], beta, problem.rule.log_weights,
-                                              fixed_utility=fixed, avail=d.avail[c])
+                out[c] = choice_probabilities(x, beta, problem.rule.log_weights, fixed_utility=fixed, avail=d.avail[c])
             d = problem.design
             p = out[d.row_unit, d.row_t, d.row_j].numpy()
         p = np.where(data.row_available, p, 0.0)
@@ -326,19 +335,29 @@ class MixedLogitResults(FitResults):
 
     def individual(self, data: ChoiceData) -> pd.DataFrame:
         """Individual-level (conditional) estimates of the random coefficients (Revelt and Train):
-        ``E[beta | y_n]`` and its sd for each unit, indexed by panel id (or situation id)."""
-        if not self.spec.n_random:
+        ``E[beta | y_n]`` and its sd for each unit, indexed by panel id (or situation id). With a random scale,
+        the columns ``scale`` and ``sd.scale`` hold ``E[s_n | y_n]`` and its sd, and the random coefficients'
+        columns the unscaled ``beta_n`` (the unit's coefficients are ``s_n beta_n``)."""
+        sp = self.spec
+        if not sp.heterogeneity_names:
             raise ValueError("the model has no random coefficients")
         means, sds = [], []
+        problem = self._problem(data)
+        th = torch.as_tensor(self.theta, dtype=torch.float64)
         with torch.no_grad():
-            for c, beta, _, problem in self._per_draw(data):
-                th = torch.as_tensor(self.theta, dtype=torch.float64)
+            for c in problem.chunks:
+                z = problem.rule.for_units(c)
+                beta = sp.coefficients(th, z)  # (n or 1, R, Kr)
+                if sp.scale:
+                    s = sp.scale_draws(th, z).unsqueeze(-1)  # (n or 1, R, 1)
+                    n0 = max(beta.shape[0], s.shape[0])
+                    beta = torch.cat([beta.expand(n0, -1, -1), s.expand(n0, -1, -1)], -1)
                 w = posterior_draw_weights(problem.unit_cond_loglik(th, c), problem.rule.log_weights)  # (n, R)
                 m = torch.einsum("nr,nrk->nk", w, beta.expand(w.shape[0], -1, -1))
                 v = torch.einsum("nr,nrk->nk", w, (beta.expand(w.shape[0], -1, -1) - m[:, None, :]) ** 2)
                 means.append(m)
                 sds.append(v.sqrt())
-        names = self.spec.random_names
+        names = sp.heterogeneity_names
         df = pd.DataFrame(torch.cat(means).numpy(), columns=names, index=pd.Index(data.unit_labels, name="unit"))
         sd = pd.DataFrame(torch.cat(sds).numpy(), columns=[f"sd.{n}" for n in names], index=df.index)
         return pd.concat([df, sd], axis=1)
@@ -357,19 +376,21 @@ class MixedLogitResults(FitResults):
                              f"coefficients: {sp.random_names + sp.fixed}")
         own_out, cross_sum, cross_n = None, None, None
         with torch.no_grad():
-            for c, beta, bf, problem in self._per_draw(data):
+            names = sp.random_names + (sp.fixed if sp.scale else [])  # the columns of x and beta
+            bf = sp.fixed_coefficients(torch.as_tensor(self.theta, dtype=torch.float64))
+            for c, xc, beta, fixed, problem in self._per_draw(data):
                 d = problem.design
-                v = torch.einsum("ntjk,nrk->ntjr", d.x_rand[c], beta.expand(d.x_rand[c].shape[0], -1, -1))
-                if sp.n_fixed:
-                    v = v + (d.x_fixed[c] @ bf).unsqueeze(-1)
+                v = torch.einsum("ntjk,nrk->ntjr", xc, beta.expand(xc.shape[0], -1, -1))
+                if fixed is not None:
+                    v = v + fixed.unsqueeze(-1)
                 av = d.avail[c] | ~d.avail[c].any(-1, keepdim=True)
                 v = v.masked_fill(~av.unsqueeze(-1), float("-inf"))
                 L = torch.softmax(v, dim=2)  # (n, T, J, R)
                 w = torch.exp(problem.rule.log_weights)
-                if attribute in sp.random_names:
-                    k = sp.random_names.index(attribute)
+                if attribute in names:
+                    k = names.index(attribute)
                     bk = beta[..., k].unsqueeze(1).unsqueeze(1)  # (n|1, 1, 1, R)
-                    x = d.x_rand[c][..., k]
+                    x = xc[..., k]
                 else:
                     k = sp.fixed.index(attribute)
                     bk = bf[k]

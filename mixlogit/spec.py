@@ -1,8 +1,13 @@
 """Model specification: which columns have fixed or random coefficients, and the parameter vector layout.
 
-The parameter vector ``theta`` is laid out as ``[asc.*, fixed, random locations, sd.*, chol.*]`` and
+The parameter vector ``theta`` is laid out as ``[asc.*, fixed, random locations, sd.*, chol.*, sd.scale]`` and
 :meth:`Spec.coefficients` maps it and standard normal draws to coefficient draws. Keeping this map in one
 place lets MSL, the Bayesian estimators, prediction and individual-level estimates share it.
+
+A random *scale* (``scale="lognormal"``, the scale-heterogeneity logit S-MNL of Fiebig, Keane, Louviere and Wasi
+2010) multiplies every coefficient of a unit, fixed ones and constants included:
+``U_nj = s_n (beta_n' x_nj) + eps_nj`` with ``s_n = exp(tau z_n - tau^2 / 2)``, so that ``E[s_n] = 1`` and
+``tau = sd.scale`` is the sd of ``log s_n``. Its standard normal draw is the last column of the draws.
 """
 
 from __future__ import annotations
@@ -12,6 +17,17 @@ from dataclasses import dataclass, field
 import torch
 
 from .distributions import get_distribution
+
+#: Values accepted by ``MixedLogit(scale=...)``: None (no random scale) or a lognormal scale with mean one.
+SCALE_FAMILIES = ("lognormal",)
+
+
+def check_scale(scale) -> str | None:
+    """``scale`` when it is None or one of :data:`SCALE_FAMILIES`; otherwise an error listing them."""
+    if scale is not None and (not isinstance(scale, str) or scale not in SCALE_FAMILIES):
+        raise ValueError(f"unknown scale {scale!r}; accepted: None (no random scale) or "
+                         f"{', '.join(map(repr, SCALE_FAMILIES))}")
+    return scale
 
 
 @dataclass
@@ -23,13 +39,16 @@ class Spec:
     random : dict column -> distribution name, in model order.
     fixed : fixed-coefficient columns (the ``asc.<alt>`` dummies first).
     correlated : random columns whose normal draws are correlated through a Cholesky factor.
+    scale : None, or ``"lognormal"`` for a random scale of the whole utility (parameter ``sd.scale``).
     """
 
     random: dict[str, str]
     fixed: list[str]
     correlated: list[str] = field(default_factory=list)
+    scale: str | None = None
 
     def __post_init__(self):
+        check_scale(self.scale)
         self.dists = [get_distribution(d, where=f"random coefficient {c!r}") for c, d in self.random.items()]
         self.random_names = list(self.random)
         idx = {c: i for i, c in enumerate(self.random_names)}
@@ -48,17 +67,28 @@ class Spec:
         return len(self.fixed)
 
     @property
+    def n_draw_dims(self) -> int:
+        """Columns of the standard normal draws: one per random coefficient, plus one for a random scale."""
+        return self.n_random + (1 if self.scale else 0)
+
+    @property
+    def heterogeneity_names(self) -> list[str]:
+        """Rows of the heterogeneity table: the random coefficients, then ``scale`` for a random scale."""
+        return self.random_names + (["scale"] if self.scale else [])
+
+    @property
     def param_names(self) -> list[str]:
         return (
             list(self.fixed)
             + self.random_names
             + [f"sd.{c}" for c in self.random_names]
             + [f"chol.{self.correlated[a]}.{self.correlated[b]}" for a, b in self.chol_pairs]
+            + (["sd.scale"] if self.scale else [])
         )
 
     @property
     def n_params(self) -> int:
-        return self.n_fixed + 2 * self.n_random + len(self.chol_pairs)
+        return self.n_fixed + 2 * self.n_random + len(self.chol_pairs) + (1 if self.scale else 0)
 
     def slices(self) -> dict[str, slice]:
         kf, kr = self.n_fixed, self.n_random
@@ -66,7 +96,8 @@ class Spec:
             "fixed": slice(0, kf),
             "loc": slice(kf, kf + kr),
             "spread": slice(kf + kr, kf + 2 * kr),
-            "chol": slice(kf + 2 * kr, self.n_params),
+            "chol": slice(kf + 2 * kr, kf + 2 * kr + len(self.chol_pairs)),
+            "scale": slice(kf + 2 * kr + len(self.chol_pairs), self.n_params),
         }
 
     # ------------------------------------------------------------------ maps
@@ -128,5 +159,34 @@ class Spec:
             bf.unsqueeze(0).expand(beta.shape[0], -1, -1)
         return torch.cat([beta, bf], -1)
 
+    def scale_draws(self, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor | None:
+        """Draws of the random scale ``s = exp(tau z_s - tau^2 / 2)`` (mean one), or None without one.
+
+        theta : (P,) or (U, P); z : (U, R, D) or (1, R, D) standard normal draws, the scale's in the last column.
+        Returns (U', R) with U' the broadcast of the two leading sizes.
+        """
+        if not self.scale:
+            return None
+        th = theta if theta.dim() == 2 else theta.unsqueeze(0)
+        tau = th[:, self.slices()["scale"]]  # (U, 1)
+        return torch.exp(tau * z[..., -1] - 0.5 * tau * tau)
+
+    def scaled_coefficients(self, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Every coefficient per draw, random ones then fixed ones (the column order of :attr:`Design.x_diff`),
+        times the unit's scale draw when the model has a random scale.
+
+        theta : (P,) or (U, P); z : (U, R, D) or (1, R, D). Returns (U', R, Kr + Kf).
+        """
+        beta = self.coefficients(theta, z)  # (U', R, Kr)
+        bf = self.fixed_coefficients(theta)
+        u, r = max(beta.shape[0], bf.shape[0] if bf.dim() == 2 else 1), z.shape[1]
+        bf = bf.expand(u, r, self.n_fixed) if bf.dim() == 1 else bf.unsqueeze(1).expand(u, r, self.n_fixed)
+        full = torch.cat([beta.expand(u, r, self.n_random), bf], -1)
+        s = self.scale_draws(theta, z)
+        return full if s is None else full * s.unsqueeze(-1)
+
     def to_dict(self) -> dict:
-        return {"random": dict(self.random), "fixed": list(self.fixed), "correlated": list(self.correlated)}
+        out = {"random": dict(self.random), "fixed": list(self.fixed), "correlated": list(self.correlated)}
+        if self.scale:
+            out["scale"] = self.scale
+        return out

@@ -91,10 +91,11 @@ def draw_plots(res, out: Path, data: ChoiceData | None = None, n: int = 200, see
     spec = res.spec
     paths: dict[str, Path] = {}
     center = res.theta
-    names = spec.random_names
-    if spec.n_random:
+    names = spec.heterogeneity_names  # the random coefficients, then a random scale
+    label = {**spec.random, "scale": f"{spec.scale}, mean 1"}
+    if names:
         th = res.parameter_draws(n, seed)
-        fig, axes = panel_grid(spec.n_random)
+        fig, axes = panel_grid(len(names))
         for k, (name, ax) in enumerate(zip(names, axes)):
             q = _central_range(spec, center, k)
             lo, hi = float(q.min()), float(q.max())
@@ -105,12 +106,12 @@ def draw_plots(res, out: Path, data: ChoiceData | None = None, n: int = 200, see
             ax.fill_between(x, band[0], band[2], alpha=0.3, label=f"{level:.0%} band")
             ax.plot(x, band[1], label="median density")
             mass0 = density_on_grid(spec, center, k, x)[1]
-            title = f"{name} ({spec.random[name]})"
+            title = f"{name} ({label[name]})"
             if mass0 > 1e-3:
                 title += f", P(beta=0)={mass0:.2f}"
             ax.set_title(title, fontsize=10)
             ax.axvline(0.0, color="grey", lw=0.8, ls=":")
-            ax.set_xlabel("coefficient")
+            ax.set_xlabel("scale s (multiplies the whole utility)" if name == "scale" and spec.scale else "coefficient")
             if k == 0:
                 ax.legend(fontsize=8)
         paths["densities"] = out / "densities.png"
@@ -124,9 +125,9 @@ def draw_plots(res, out: Path, data: ChoiceData | None = None, n: int = 200, see
     paths["forest"] = out / "forest.png"
     fig.savefig(paths["forest"], dpi=110)
 
-    ind = res.individual_estimates(data) if spec.n_random else None
+    ind = res.individual_estimates(data) if names else None
     if ind is not None:
-        fig, axes = panel_grid(spec.n_random)
+        fig, axes = panel_grid(len(names))
         for k, (name, ax) in enumerate(zip(names, axes)):
             v = ind[name].to_numpy()
             ax.hist(v, bins=min(40, max(10, len(v) // 10)), density=True, alpha=0.5,

@@ -35,10 +35,10 @@ def marginal_loglik(spec: Spec, design: Design, theta_draws: np.ndarray, draws: 
     S, N = th.shape[0], design.n_units
     x = design.x_diff
     avail = design.avail_diff if design.has_unavailable else None
-    K = spec.n_random
+    D = spec.n_draw_dims  # random coefficients, and a random scale
     out = np.empty((S, N))
-    R = draws if K else 1
-    rule = make_rule("halton", N, draws, K, seed=seed) if K else None
+    R = draws if D else 1
+    rule = make_rule("halton", N, draws, D, seed=seed) if D else None
     per = x.shape[1] * x.shape[2] * R
     # Units and parameter draws are both chunked: the kernel's tensor is (units, draws x R, T, A).
     unit_chunk = chunk_size(per, N)
@@ -48,11 +48,10 @@ def marginal_loglik(spec: Spec, design: Design, theta_draws: np.ndarray, draws: 
         for u0 in range(0, N, unit_chunk):
             c = slice(u0, min(u0 + unit_chunk, N))
             n = c.stop - c.start
-            z = rule.z[c] if K else None
+            z = rule.z[c] if D else th.new_zeros(n, 1, 0)
             for s0 in range(0, S, draw_chunk):
                 ths = th[s0:s0 + draw_chunk]
-                betas = [spec.all_coefficients(t, (spec.coefficients(t, z) if K else t.new_zeros(n, 1, 0))
-                                               .expand(n, R, K)) for t in ths]
+                betas = [spec.scaled_coefficients(t, z).expand(n, R, -1) for t in ths]
                 beta = torch.cat(betas, 1)  # (n, s*R, K + Kf)
                 cond = conditional_loglik(x[c], beta, avail=None if avail is None else avail[c],
                                           situation_mask=design.situation_mask[c])
@@ -90,7 +89,7 @@ def predictive_choices(spec: Spec, design: Design, situations, theta_draws: np.n
     """
     unit, t_pos = situations[0], situations[1]
     th = torch.as_tensor(np.asarray(theta_draws, dtype=float), dtype=torch.float64)
-    S, N, K = th.shape[0], design.n_units, spec.n_random
+    S, N, K, D = th.shape[0], design.n_units, spec.n_random, spec.n_draw_dims
     x = design.x
     gen = torch.Generator().manual_seed(int(seed))
     out = np.empty((S, len(unit)), dtype=np.int64)
@@ -99,11 +98,10 @@ def predictive_choices(spec: Spec, design: Design, situations, theta_draws: np.n
         for s in range(S):
             if K and beta_draws is not None:
                 br = torch.as_tensor(beta_draws[s], dtype=torch.float64).unsqueeze(1)
-            elif K:
-                br = spec.coefficients(th[s], torch.randn(N, 1, K, generator=gen, dtype=torch.float64))
-            else:
-                br = th.new_zeros(N, 1, 0)
-            p = choice_probabilities(x, spec.all_coefficients(th[s], br), lw, avail=design.avail)  # (N, T, J)
+                b = spec.all_coefficients(th[s], br)
+            else:  # fresh coefficients (and scale) from the population
+                b = spec.scaled_coefficients(th[s], torch.randn(N, 1, D, generator=gen, dtype=torch.float64))
+            p = choice_probabilities(x, b, lw, avail=design.avail)  # (N, T, J)
             p = p[unit, t_pos]
             u = torch.rand(p.shape[0], 1, generator=gen, dtype=p.dtype)
             out[s] = torch.searchsorted(torch.cumsum(p, -1), u).clamp_max(p.shape[-1] - 1).squeeze(-1).numpy()

@@ -46,7 +46,7 @@ def write_report(res, out_dir, data: ChoiceData | None = None, fmt: str = "md", 
 def _write(res, out: Path, data: ChoiceData | None, fmt: str, level: float) -> Path:
     plots = draw_plots(res, out, data=data, level=level)
     title = f"mixlogit report: {res.settings.get('method', 'msl').upper()}"
-    het = res.heterogeneity(level=level) if res.spec.n_random else None
+    het = res.heterogeneity(level=level) if res.spec.heterogeneity_names else None
     loo = loo_table(res.to_arviz(data=data)) if data is not None else None
     if fmt == "md":
         parts = [f"# {title}", "", "## Summary", "", "```", res.summary(), "```", ""]

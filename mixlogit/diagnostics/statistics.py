@@ -44,7 +44,7 @@ def _share_below_zero(b: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
 def coefficient_stats(spec: Spec, theta: torch.Tensor) -> torch.Tensor:
     """Heterogeneity statistics of every random coefficient, differentiable in ``theta`` (P,).
 
-    Returns (K, 7): mean, sd, coefficient of variation (sd / |mean|), share of the population whose
+    Returns (K, 7), one row per :attr:`Spec.heterogeneity_names` (a random scale last): mean, sd, coefficient of variation (sd / |mean|), share of the population whose
     coefficient has the sign opposite to the mean (zeros count for neither sign), and the 5%, 50%, 95%
     quantiles.
     """
@@ -53,7 +53,7 @@ def coefficient_stats(spec: Spec, theta: torch.Tensor) -> torch.Tensor:
     cdf = torch.special.ndtr(zg)
     zq = torch.special.ndtri(torch.tensor([0.05, 0.5, 0.95], dtype=dtype))
     rows = []
-    for k in range(spec.n_random):
+    for k in range(len(spec.heterogeneity_names)):
         b, w = marginal_draws(spec, theta, k)
         mean = (w * b).sum()
         sd = torch.sqrt((w * (b - mean) ** 2).sum().clamp_min(0.0))
@@ -91,7 +91,7 @@ def check_level(level, name: str = "level") -> float:
 
 
 def _require_random(spec: Spec) -> None:
-    if not spec.n_random:
+    if not spec.heterogeneity_names:
         raise ValueError("the model has no random coefficients: there is no heterogeneity to describe")
 
 
@@ -111,7 +111,7 @@ def heterogeneity_delta(spec: Spec, theta: np.ndarray, cov: np.ndarray, level: f
     layout: the statistics at ``theta`` with delta-method Wald intervals (clipped to each statistic's range)."""
     level = check_level(level)
     _require_random(spec)
-    K = spec.n_random
+    K = len(spec.heterogeneity_names)
     val, se = delta_method(lambda th: coefficient_stats(spec, th).reshape(-1), theta, cov)
     est, se = val.reshape(K, -1), se.reshape(K, -1)
     q = sps.norm.ppf((1 + level) / 2)
@@ -128,10 +128,10 @@ def heterogeneity_frame(spec: Spec, est: np.ndarray, lo: np.ndarray, hi: np.ndar
         lo[:, j] = np.maximum(lo[:, j], 0.0)
     lo[:, 3], hi[:, 3] = np.clip(lo[:, 3], 0, 1), np.clip(hi[:, 3], 0, 1)
     cols = {"distribution": [spec.random[c] + (" (correlated)" if c in spec.correlated else "")
-                             for c in spec.random_names]}
+                             for c in spec.random_names] + ([f"{spec.scale} scale, mean 1"] if spec.scale else [])}
     for j, s in enumerate(STATS):
         cols[s], cols[f"{s}.lo"], cols[f"{s}.hi"] = est[:, j], lo[:, j], hi[:, j]
-    df = pd.DataFrame(cols, index=pd.Index(spec.random_names, name="coefficient"))
+    df = pd.DataFrame(cols, index=pd.Index(spec.heterogeneity_names, name="coefficient"))
     df.attrs.update(level=level, interval=how)
     return df
 
