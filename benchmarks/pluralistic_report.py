@@ -2,8 +2,8 @@
 
 Imported by ``benchmarks/bench_pluralistic.py`` (``--summary`` runs it alone). Reads every ``runs/seed<S>.csv`` of
 the folder and writes ``runs.csv`` (all rows), ``summary.csv`` (one row per arm, level and method), ``table.md``
-and two PNGs: ``accuracy_nll.png`` (oracle accuracy and held-out NLL against heterogeneity per method, 95%
-intervals over seeds) and ``frontier.png`` (win rate against the reference vs KL(pi || ref): the DPO beta frontier
+and two PNGs: ``accuracy_nll.png`` (oracle accuracy and held-out NLL against heterogeneity per method, as paired
+differences from the best-beta DPO with 95% intervals over seeds; baselines and MixDPO variants in separate panels) and ``frontier.png`` (win rate against the reference vs KL(pi || ref): the DPO beta frontier
 and every method's chosen run).
 """
 
@@ -20,6 +20,8 @@ from scipy import stats
 from alignment.metrics import matched_kl_gain
 from mixlogit.tables import markdown_table
 
+#: Arms in the order the tables and plots show them: the full method list first.
+ARM_ORDER = ("strength", "direction", "clickers")
 #: Metrics compared with the best-beta DPO of the same seed (paired), and the sign that counts as better.
 PAIRED = {"acc": 1, "acc_macro": 1, "acc_worst": 1, "test_nll": -1, "kl_true": -1, "ece": -1, "win_gain": 1}
 
@@ -111,7 +113,9 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
                  "expected and realized per split; the realized sd of the annotators' log-strength; the untrained "
                  "policy's own oracle accuracy.\n")
     parts.append(markdown_table(tasks.to_dict("records"), floatfmt=".3f"))
-    for arm, s in summary.groupby("arm", sort=False):
+    order = sorted(dict.fromkeys(summary["arm"]), key=lambda a: (ARM_ORDER.index(a) if a in ARM_ORDER else 99, a))
+    for arm in order:
+        s = summary[summary["arm"] == arm]
         table = []
         for _, r in s.iterrows():
             spread = (f"{r['sd_log']:.2f} [{r['sd_log_low']:.2f}, {r['sd_log_high']:.2f}]"
@@ -135,36 +139,46 @@ def plots(summary: pd.DataFrame, best: pd.DataFrame, runs: pd.DataFrame, out: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    arms = list(dict.fromkeys(summary["arm"]))
-    fig, axes = plt.subplots(len(arms), 2, figsize=(12, 4 * len(arms)), squeeze=False)
-    for i, arm in enumerate(arms):
-        cell = best[best["arm"] == arm]
+    # One row per (arm, group of methods): the baselines apart from the MixDPO variants, so no panel holds more
+    # than six lines. Plotted are the paired differences from the best-beta DPO of the same seed (the zero line),
+    # which the near-ceiling absolute accuracies would hide.
+    rows = []
+    arms = sorted(dict.fromkeys(summary["arm"]), key=lambda a: (ARM_ORDER.index(a) if a in ARM_ORDER else 99, a))
+    for arm in arms:
+        methods = [m for m in dict.fromkeys(summary.loc[summary["arm"] == arm, "method"]) if m != "DPO"]
+        groups = [("baselines", [m for m in methods if not m.startswith("MixDPO")]),
+                  ("MixDPO", [m for m in methods if m.startswith("MixDPO")])]
+        groups = [(g, ms) for g, ms in groups if ms]
+        if len(methods) <= 6:
+            groups = [("methods", methods)]
+        rows += [(arm, g, ms) for g, ms in groups]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 3.6 * len(rows)), squeeze=False)
+    for i, (arm, group, methods) in enumerate(rows):
+        cell = summary[summary["arm"] == arm]
         for j, (col, label) in enumerate((("acc", "oracle accuracy (test)"), ("test_nll", "NLL, noisy test labels"))):
             ax = axes[i, j]
-            for k, (method, m) in enumerate(cell.groupby("method", sort=False)):
-                pts = [(lv, *interval(g[col])) for lv, g in m.groupby("level")]
-                lv, mean, lo, hi = map(np.array, zip(*pts, strict=True))
-                offset = (k - 4) * 0.012
+            ax.axhline(0.0, color="k", lw=1.2, label="best-beta DPO (zero)")
+            for k, method in enumerate(methods):
+                m = cell[cell["method"] == method].sort_values("level")
+                mean, lo, hi = (m[f"d_{col}{suffix}"].to_numpy() for suffix in ("", "_lo", "_hi"))
                 err = np.vstack([mean - lo, hi - mean])
-                ax.errorbar(lv + offset, mean, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=3,
-                            capsize=2, label=method, lw=1.5 if method == "DPO" else 1, color="k" if method == "DPO"
-                            else None)
-            if col == "acc":  # an accuracy is at most 1, whatever a few-seed t-interval says
-                ax.set_ylim(top=min(1.0, ax.get_ylim()[1]) + 0.005)
+                ax.errorbar(m["level"].to_numpy() + (k - len(methods) / 2) * 0.02, mean,
+                            yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=3, capsize=2, lw=1, label=method)
             ax.set_xlabel("heterogeneity (sd of log-strength)")
-            ax.set_ylabel(label)
-            ax.set_title(f"arm {arm}", fontsize=9)
+            ax.set_ylabel(f"{label}\nminus best-beta DPO's")
+            ax.set_title(f"arm {arm}: {group}", fontsize=9)
             ax.grid(alpha=0.3)
         axes[i, 0].legend(fontsize=7, ncol=2)
-    fig.suptitle("Each method at its beta chosen per seed on validation NLL; bars: 95% intervals over seeds",
-                 fontsize=10)
+    fig.suptitle("Paired difference from the best-beta DPO of the same seed (each method at its beta chosen on "
+                 "validation NLL); bars: 95% t-intervals over seeds", fontsize=10)
     fig.tight_layout()
     first = os.path.join(out, "accuracy_nll.png")
     fig.savefig(first, dpi=110)
     plt.close(fig)
 
-    arm = arms[0]
+    arm = arms[0]  # the arm with the full method list
     levels = sorted(runs.loc[runs["arm"] == arm, "level"].unique())
     fig, axes = plt.subplots(1, len(levels), figsize=(4.5 * len(levels), 4), squeeze=False)
     trained = runs[(runs["arm"] == arm) & (runs["method"] != "reference")]
@@ -178,6 +192,9 @@ def plots(summary: pd.DataFrame, best: pd.DataFrame, runs: pd.DataFrame, out: st
         for method, m in chosen.groupby("method", sort=False):
             ax.plot(m["kl_ref"].mean(), m["win"].mean(), "o", ms=6, label=method)
         ax.set_xscale("log")
+        # Minor log ticks get labels like "2x10^-1" that overlap on a short range: plain numbers, major ticks only.
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("KL(pi || ref), nats (held-out prompts)")
         ax.set_ylabel("win rate vs reference (oracle reward)")
         ax.set_title(f"arm {arm}, level {level}", fontsize=9)
