@@ -47,6 +47,9 @@ def test_mnl_on_train_matches_mlogit(train_data):
     res = ml.MixedLogit(fixed=TRAIN_ATTRIBUTES).fit(train_data)
     assert res.loglik == pytest.approx(-1724.15, abs=0.005)
     assert round(res.loglik, 1) == -1724.2
+    # mlogit's vignette estimates of the three attributes whose units agree (its price is scaled differently).
+    for name, value in {"time": -1.7205514, "change": -0.3263409, "comfort": -0.9457256}.items():
+        assert res.params[name] == pytest.approx(value, abs=5e-4)
 
 
 def test_smnl_on_train_quadrature_agrees_with_10000_halton(train_data, smnl):
