@@ -5,7 +5,9 @@ Two integer columns ride along with TRL's tokenized pairs and never reach the mo
 - ``mixdpo_row``: the pair's index in the dataset as given, so that per-pair margins can be matched back to their
   rows after truncation has dropped some pairs;
 - ``mixdpo_group_id``: the integer id of the pair's ``group_column`` label (ids follow first appearance, and one
-  index is shared by every dataset of a trainer), for preference accuracy per group.
+  index is shared by every dataset of a trainer), for preference accuracy per group;
+- ``mixdpo_annotator_id`` (``strength_level="annotator"`` only): the id of the pair's annotator in the training
+  set's annotator index (:mod:`alignment.annotators`), -1 for an annotator the training set does not have.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "ANNOTATOR_ID_COLUMN",
     "EXTRA_COLUMNS",
     "GROUP_ID_COLUMN",
     "NON_MODEL_KEYS",
@@ -27,8 +30,9 @@ __all__ = [
 
 GROUP_ID_COLUMN = "mixdpo_group_id"
 ROW_COLUMN = "mixdpo_row"
+ANNOTATOR_ID_COLUMN = "mixdpo_annotator_id"
 #: The columns added here; the collator passes them through as (B,) long tensors.
-EXTRA_COLUMNS = (GROUP_ID_COLUMN, ROW_COLUMN)
+EXTRA_COLUMNS = (GROUP_ID_COLUMN, ROW_COLUMN, ANNOTATOR_ID_COLUMN)
 #: Batch keys that are not arguments of the model's forward.
 NON_MODEL_KEYS = frozenset({"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *EXTRA_COLUMNS})
 
@@ -79,7 +83,8 @@ def add_group_ids(dataset, group_column: str, index: dict[str, int], dataset_nam
 
 
 class CollatorWithExtras:
-    """Wrap a preference collator so the MixDPO bookkeeping columns (group id, row index) reach the batch."""
+    """Wrap a preference collator so the MixDPO bookkeeping columns (group id, row index, annotator id) reach the
+    batch."""
 
     def __init__(self, base):
         self.base = base

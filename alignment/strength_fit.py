@@ -14,6 +14,9 @@ log-likelihood (the other parameters refitted) lies within ``chi2_1(level) / 2``
 the point strength, the boundary of the parameter space: the likelihood-ratio statistic against it is referred to
 the mixture ``0.5 chi2_0 + 0.5 chi2_1`` (Self and Liang 1987), and the interval's lower end is 0 when the point
 strength lies inside it.
+
+With ``annotator=`` (one id per margin) both fit the annotator-level (panel) objective of :mod:`alignment.panel`
+instead, one strength per annotator shared across its pairs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from scipy import optimize, special, stats
 from mixlogit.validation import check_choice, check_fraction
 
 from .losses import check_objective
+from .panel import check_annotator_ids, panel_loglik
 from .strength import PointStrength, Strength
 
 __all__ = ["SPREAD_PARAMETERS", "fit_strength", "profile_spread", "sd_log_strength", "strength_vector"]
@@ -60,10 +64,27 @@ def _margins(margins) -> torch.Tensor:
     return h
 
 
-def _objective(strength: Strength, h: torch.Tensor, objective: str) -> torch.Tensor:
-    """The objective summed over the pairs (nats)."""
+def _objective(strength: Strength, h: torch.Tensor, objective: str, panel=None) -> torch.Tensor:
+    """The objective summed over the pairs (nats); with ``panel = (annotator ids, A)``, the annotator-level one."""
+    if panel is not None:
+        return panel_loglik(strength, h, *panel).sum()
     lp = strength.log_prob_preferred(h) if objective == "marginal" else strength.expected_log_prob(h)
     return lp.sum()
+
+
+def _panel(h: torch.Tensor, objective: str, annotator, n_annotators) -> tuple[torch.Tensor, int] | None:
+    """``(ids, A)`` of an annotator-level fit (validated), or None for the pair objective."""
+    if annotator is None:
+        if n_annotators is not None:
+            raise ValueError("n_annotators is given without annotator= (the annotator id of each margin)")
+        return None
+    if objective != "marginal":
+        raise ValueError(f"the annotator-level (panel) objective is the marginal likelihood; objective={objective!r} "
+                         "has no panel form: use objective='marginal'")
+    ids = torch.as_tensor(annotator).reshape(-1)
+    if n_annotators is None:
+        n_annotators = int(ids.max()) + 1 if ids.numel() else 0
+    return check_annotator_ids(ids, h.numel(), int(n_annotators)), int(n_annotators)
 
 
 def strength_vector(strength: Strength) -> dict[str, float]:
@@ -106,7 +127,7 @@ def _coordinates(strength: Strength, names: list[str]) -> np.ndarray:
 
 
 def fit_strength(strength: Strength, margins, objective: str = "marginal", max_iter: int = 200,
-                 exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+                 exclude: tuple[str, ...] = (), annotator=None, n_annotators: int | None = None) -> dict[str, Any]:
     """Maximize the objective over the strength's trainable parameters with the margins fixed, in place.
 
     L-BFGS-B (scipy) on the 1-3 unconstrained parameters, with the value and gradient from the kernel in float64
@@ -118,6 +139,10 @@ def fit_strength(strength: Strength, margins, objective: str = "marginal", max_i
         objective: "marginal" or "expected".
         max_iter: L-BFGS-B iterations at most.
         exclude: parameter names held at their values (the profile likelihood fixes the spread).
+        annotator: annotator id of each margin, (n,) ints, or None. Given, the objective is the annotator-level
+            (panel) likelihood ``sum_a log E_phi[prod_{j in a} sigmoid(beta h_j)]`` of :mod:`alignment.panel`
+            (``objective="marginal"`` only).
+        n_annotators: number of annotators A (default: the largest id + 1).
 
     Returns:
         Dict: ``loglik`` (the objective at the fit, nats summed over pairs), ``grad_norm`` (largest absolute
@@ -128,10 +153,11 @@ def fit_strength(strength: Strength, margins, objective: str = "marginal", max_i
     check_objective(objective)
     _check_deterministic(strength)
     h = _margins(margins)
+    panel = _panel(h, objective, annotator, n_annotators)
     named = [(n, p) for n, p in strength.named_parameters() if p.requires_grad and n not in exclude]
     if not named:
         with torch.no_grad():
-            ll = float(_objective(strength, h, objective))
+            ll = float(_objective(strength, h, objective, panel))
         return {"loglik": ll, "grad_norm": 0.0, "converged": True, "at_bound": [],
                 "params": strength_vector(strength)}
     names = [n for n, _ in named]
@@ -149,7 +175,7 @@ def fit_strength(strength: Strength, margins, objective: str = "marginal", max_i
         set_params(v)
         for p in params:
             p.grad = None
-        loss = -_objective(strength, h, objective) / n
+        loss = -_objective(strength, h, objective, panel) / n
         if not torch.isfinite(loss):
             return np.inf, np.zeros_like(v)
         loss.backward()
@@ -179,12 +205,14 @@ def fit_strength(strength: Strength, margins, objective: str = "marginal", max_i
 
 
 def _point_loglik(h: torch.Tensor, beta: float, learn: bool, objective: str) -> float:
-    """Log-likelihood of a point strength at ``beta``, or at its maximum over beta when ``learn``."""
+    """Log-likelihood of a point strength at ``beta``, or at its maximum over beta when ``learn`` (a point mass
+    has no per-annotator part: its panel likelihood is the pair likelihood)."""
     point = PointStrength(beta, learnable=learn)
     return fit_strength(point, h, objective)["loglik"]
 
 
-def profile_spread(strength: Strength, margins, objective: str = "marginal", level: float = 0.95) -> dict[str, Any]:
+def profile_spread(strength: Strength, margins, objective: str = "marginal", level: float = 0.95,
+                   annotator=None, n_annotators: int | None = None) -> dict[str, Any]:
     """Maximum-likelihood spread with its profile-likelihood interval, and the LR test against a point strength.
 
     The strength is copied, not changed. With the mean pinned (``fix_mean``) the point strength it is tested
@@ -195,6 +223,8 @@ def profile_spread(strength: Strength, margins, objective: str = "marginal", lev
         margins: DPO margins h, shape (n,), nats.
         objective: "marginal" or "expected".
         level: coverage of the interval (0 < level < 1).
+        annotator, n_annotators: as in :func:`fit_strength`: the annotator-level (panel) objective, one strength
+            per annotator (the test against a point strength is then the same: a point mass is shared by all).
 
     Returns:
         Dict: ``sd_log`` (the fitted sd of log beta), ``sd_log_low``/``sd_log_high`` (the interval; low is 0 when
@@ -208,8 +238,10 @@ def profile_spread(strength: Strength, margins, objective: str = "marginal", lev
     family = check_choice("strength family", strength.family, tuple(SPREAD_PARAMETERS))
     name, grows, (t_lo, t_hi) = SPREAD_PARAMETERS[family]
     h = _margins(margins)
+    panel = _panel(h, objective, annotator, n_annotators)
+    by = {} if panel is None else {"annotator": panel[0], "n_annotators": panel[1]}
     fitted = copy.deepcopy(strength)
-    fit = fit_strength(fitted, h, objective)
+    fit = fit_strength(fitted, h, objective, **by)
     ll_hat = fit["loglik"]
     spread = dict(fitted.named_parameters())[name]
     t_hat = float(spread.detach())
@@ -226,7 +258,7 @@ def profile_spread(strength: Strength, margins, objective: str = "marginal", lev
     def deficit(t: float) -> float:
         with torch.no_grad():
             probe_spread.fill_(t)
-        ll = fit_strength(probe, h, objective, exclude=(name,))["loglik"]
+        ll = fit_strength(probe, h, objective, exclude=(name,), **by)["loglik"]
         return 2.0 * (ll_hat - ll) - crit
 
     def bound(direction: float) -> float:

@@ -18,6 +18,8 @@ What changes relative to ``trl.DPOTrainer`` (trl >= 1.16, < 2):
   :mod:`alignment.run_dir`) and restored on resume; checkpoints are written atomically, each with a record
   of its run (:mod:`alignment.checkpoints`), and resuming restores every weight (Trainer's own resume skips
   the weights a model class renames when it saves);
+- with ``strength_level="annotator"`` one strength per annotator, shared by its pairs (panel MixDPO, EM with the
+  margin cache: :mod:`alignment.annotators`), and ``strength_by_annotator.csv`` in the output folder;
 - logs ``beta/mean``, ``beta/std``, ``beta/cv`` and ``beta/<family parameter>`` next to TRL's metrics, and
   with a ``group_column`` also ``rewards/accuracies_macro`` (preference accuracy averaged over groups).
 
@@ -40,7 +42,9 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from . import checkpoints
+from .annotators import AnnotatorPanel, PanelRefit
 from .batching import (
+    ANNOTATOR_ID_COLUMN,
     EXTRA_COLUMNS,
     GROUP_ID_COLUMN,
     ROW_COLUMN,
@@ -107,6 +111,8 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
                                                 args.strength_nodes, args.strength_fix_mean, args.objective,
                                                 args.strength_learnable)
         self._strength = strength_from_settings(self._strength_meta)
+        #: With ``strength_level="annotator"``: the annotator index and the panel loss (alignment.annotators).
+        self.panel = AnnotatorPanel.from_args(args, train_dataset, self._named_eval_datasets(eval_dataset))
         #: Written into every checkpoint's record; a run resumed from a checkpoint takes its id.
         self.run_id = checkpoints.new_run_id()
         super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
@@ -121,7 +127,8 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
         self.margin_cache = self.strength_refit = None
         if args.strength_update == "refit":
             self.margin_cache = MarginCache(max(self.train_dataset[ROW_COLUMN]) + 1)
-            self.strength_refit = StrengthRefit(self, args.strength_refit_steps, args.strength_refresh_steps)
+            refit = StrengthRefit if self.panel is None else PanelRefit
+            self.strength_refit = refit(self, args.strength_refit_steps, args.strength_refresh_steps)
             self.add_callback(self.strength_refit)
 
     # ------------------------------------------------------------------ configuration checks
@@ -169,6 +176,8 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
                     )
         if args.group_column is not None and GROUP_ID_COLUMN not in columns:
             dataset = add_group_ids(dataset, args.group_column, self._group_index, dataset_name)
+        if self.panel is not None and ANNOTATOR_ID_COLUMN not in columns:
+            dataset = self.panel.add_ids(dataset, dataset_name)
         return dataset
 
     def _set_signature_columns_if_needed(self):
@@ -242,14 +251,13 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
             margin = ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)).detach()
             # Every rank caches every rank's pairs, so that the refits (and the strength) agree across ranks.
             self.margin_cache.update(self.accelerator.gather(inputs[ROW_COLUMN]), self.accelerator.gather(margin))
-        losses, chosen_rewards, rejected_rewards = mixdpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            strength=self._strength,
-            objective=self.args.objective,
-        )
+        logps = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        if self.panel is not None:
+            losses, chosen_rewards, rejected_rewards = self.panel.loss(
+                self._strength, self.margin_cache, logps, inputs[ANNOTATOR_ID_COLUMN], mode == "train")
+        else:
+            losses, chosen_rewards, rejected_rewards = mixdpo_loss(*logps, strength=self._strength,
+                                                                   objective=self.args.objective)
         loss = losses.mean()
         if self.aux_loss_enabled:
             aux_loss = outputs.aux_loss
@@ -349,6 +357,8 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
             save_strength(self._strength, output_dir or self.args.output_dir, meta)
             if self.margin_cache is not None:
                 self.margin_cache.save(output_dir or self.args.output_dir)
+            if self.panel is not None:
+                self.panel.save(output_dir or self.args.output_dir, self._strength, self.margin_cache)
 
     # Atomic checkpoints. Trainer._save_checkpoint writes every file of a checkpoint (through save_model, the
     # strength's too) under ``_get_output_dir(trial)/checkpoint-N``; there is no public hook before the files are
@@ -420,3 +430,5 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
         restore_strength(self._strength, checkpoint, self._strength_meta, map_location=self.accelerator.device)
         if self.margin_cache is not None:
             self.margin_cache.load(checkpoint)
+        if self.panel is not None:
+            self.panel.check_checkpoint(checkpoint)
