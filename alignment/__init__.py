@@ -4,13 +4,18 @@ Importing the package is light (torch, scipy and mixlogit only); the configurati
 transformers and TRL, are loaded on first access of ``MixDPOConfig`` or ``MixDPOTrainer``.
 
 Layers, bottom-up (a module imports only modules below it): data and synthetic, models, strength_base,
-strength_families, strength (the registry), losses, evaluate, batching, run_dir, config, trainer, diagnostics,
-experiments, commands, cli. Only config, trainer, experiments and commands import TRL.
+strength_families, strength (the registry), losses, panel, evaluate, batching, run_dir, config, annotators,
+trainer, annotator_diagnostics, diagnostics, experiments, commands, cli. Only config, trainer, experiments and commands import TRL.
 """
 
 from . import synthetic
 from .data import load_preference_data, validate_preference_dataset
-from .diagnostics import plot_strength, strength_to_arviz
+from .diagnostics import (
+    annotator_strength_to_arviz,
+    plot_annotator_strength,
+    plot_strength,
+    strength_to_arviz,
+)
 
 # Eager on purpose: the submodule alignment.evaluate shares the function's name, and an eager import keeps
 # ``alignment.evaluate`` the function even after the submodule is imported elsewhere.
@@ -50,6 +55,7 @@ __all__ = [
     "PointStrength",
     "Strength",
     "StrengthPosterior",
+    "annotator_strength_to_arviz",
     "dpo_loss",
     "evaluate",
     "load_preference_data",
@@ -57,6 +63,7 @@ __all__ = [
     "make_strength",
     "mixdpo_loss",
     "pair_logratios",
+    "plot_annotator_strength",
     "plot_strength",
     "register_strength",
     "save_strength",

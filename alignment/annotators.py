@@ -4,8 +4,8 @@ panel loss of a batch, the refit of phi on every cached margin, and ``strength_b
 The math is :mod:`alignment.panel`; this module ties it to the datasets and the margin cache:
 
 - :class:`AnnotatorIndex` maps the training set's ``annotator_column`` to ids 0..A-1 in order of first appearance
-  (a deterministic function of the dataset, stored in every checkpoint as ``annotators.json`` and checked on
-  resume), and gives each dataset the column ``mixdpo_annotator_id`` (-1 for an annotator the training set lacks);
+  (a deterministic function of the dataset, stored in every checkpoint as ``annotators.json``, with the id of every
+  training row, and checked on resume), and gives each dataset the column ``mixdpo_annotator_id`` (-1 for an annotator the training set lacks);
 - :class:`AnnotatorPanel` computes a batch's loss: in training ``-sum_r q_a(r) log sigmoid(beta_r h_j)`` with
   ``q_a`` from the cached margins of every pair of annotator ``a`` (EM with cached margins; the cache already holds
   the batch's own margins when the loss is formed), in evaluation the posterior predictive ``-log sum_r q_a(r)
@@ -36,18 +36,12 @@ from mixlogit.persistence import read_json, write_json
 from .batching import ANNOTATOR_ID_COLUMN, column_names
 from .losses import _margin
 from .margins import StrengthRefit
-from .panel import annotator_log_weights, annotator_posterior, panel_pair_loss, rule_points
+from .panel import annotator_log_weights, annotator_posterior, dense_strength, panel_pair_loss, rule_points
+from .run_dir import ANNOTATORS_FILE, STRENGTH_BY_ANNOTATOR
 from .strength_base import Strength
 from .strength_fit import fit_strength, strength_vector
 
 __all__ = ["ANNOTATORS_FILE", "STRENGTH_BY_ANNOTATOR", "AnnotatorIndex", "AnnotatorPanel", "PanelRefit"]
-
-#: The annotator index of a run, in every checkpoint.
-ANNOTATORS_FILE = "annotators.json"
-#: The per-annotator posterior strengths, in the output folder and in every checkpoint.
-STRENGTH_BY_ANNOTATOR = "strength_by_annotator.csv"
-#: Nodes of the dense rule of the per-annotator table.
-DENSE_NODES = 512
 
 
 def _missing(value) -> bool:
@@ -118,7 +112,9 @@ class AnnotatorIndex:
         return np.array([self._ids.get(label, -1) for label in _labels(values, self.column, name)], dtype=np.int64)
 
     def to_json(self) -> dict:
-        return {"annotator_column": self.column, "labels": self.labels, "n_rows": int(self.of_row.size)}
+        """``annotators.json``: the column, the labels (by id) and the id of every training row (by row index)."""
+        return {"annotator_column": self.column, "labels": self.labels, "n_rows": int(self.of_row.size),
+                "annotator_of_row": self.of_row.tolist()}
 
     def check_saved(self, folder: str) -> None:
         """Refuse to resume from ``folder`` when its saved index is not this one (another dataset or column)."""
@@ -140,20 +136,6 @@ class AnnotatorIndex:
                              f"set at id {k} ({labels[k] if k < len(labels) else None!r} there, "
                              f"{self.labels[k] if k < len(self.labels) else None!r} here): resume with the "
                              "checkpoint's dataset.")
-
-
-def _dense(strength: Strength) -> Strength:
-    """The same family and parameters on a :data:`DENSE_NODES`-node composite rule (the strength itself when the
-    family has no such rule or its constructor takes other arguments)."""
-    cls = type(strength)
-    if "quadrature" not in cls.integrators:
-        return strength
-    try:
-        dense = cls(integrator="quadrature", nodes=DENSE_NODES, fix_mean=bool(getattr(strength, "fix_mean", False)))
-        dense.load_state_dict(strength.state_dict())
-    except (TypeError, ValueError, RuntimeError):
-        return strength
-    return dense.to(next(iter(strength.parameters())).device)
 
 
 class AnnotatorPanel:
@@ -195,10 +177,19 @@ class AnnotatorPanel:
         rows = torch.nonzero(~torch.isnan(cache.margins)).reshape(-1)
         return cache.margins[rows], torch.as_tensor(self.index.of_row)[rows]
 
-    def log_weights(self, strength: Strength, cache) -> torch.Tensor:
-        """``log q_a(r)`` of every annotator from the cache, (A, R); the prior for an annotator not yet seen."""
+    def log_weights(self, strength: Strength, cache, annotators: torch.Tensor | None = None) -> torch.Tensor:
+        """``log q_a(r)`` of every annotator from the cache, (A, R); the prior for an annotator not yet seen.
+
+        With ``annotators`` ((k,) distinct ids) only their rows, (k, R), from their own cached pairs: ``q_a``
+        depends on annotator ``a``'s pairs alone, so a batch costs O(its annotators' pairs x R), not O(n R).
+        """
         h, ids = self.cached(cache)
-        return annotator_log_weights(strength, h, ids, self.index.n_annotators)
+        if annotators is None:
+            return annotator_log_weights(strength, h, ids, self.index.n_annotators)
+        local = torch.full((self.index.n_annotators,), -1, dtype=torch.long)
+        local[annotators] = torch.arange(annotators.numel())
+        keep = local[ids] >= 0
+        return annotator_log_weights(strength, h[keep], local[ids[keep]], annotators.numel())
 
     def loss(self, strength: Strength, cache, tensors: tuple, annotator_ids: torch.Tensor, train: bool):
         """Per-pair losses and TRL's rewards of a batch, like :func:`alignment.losses.mixdpo_loss`.
@@ -213,11 +204,12 @@ class AnnotatorPanel:
             ``(losses, chosen_rewards, rejected_rewards)``, each (B,); rewards are ``E[beta] * log-ratio``.
         """
         h, chosen, rejected = _margin(tensors)
-        log_q = self.log_weights(strength, cache)
-        _, log_w = rule_points(strength, torch.float64, log_q.device)
-        table = torch.cat([log_q, log_w.detach().unsqueeze(0)])  # row A: the population
         ids = annotator_ids.detach().long().cpu()
-        rows = torch.where(ids < 0, self.index.n_annotators, ids)
+        present = torch.unique(ids[ids >= 0])  # sorted: the batch's annotators
+        log_q = self.log_weights(strength, cache, present)
+        _, log_w = rule_points(strength, torch.float64, log_q.device)
+        table = torch.cat([log_q, log_w.detach().unsqueeze(0)])  # last row: the population
+        rows = torch.where(ids < 0, present.numel(), torch.searchsorted(present, ids.clamp_min(0)))
         losses = panel_pair_loss(strength, h, table[rows], predictive=not train)
         with torch.no_grad():
             mean_beta = strength.mean().to(device=h.device, dtype=h.dtype)
@@ -228,7 +220,7 @@ class AnnotatorPanel:
         import pandas as pd
 
         h, ids = self.cached(cache)
-        post = annotator_posterior(_dense(strength), h, ids, self.index.n_annotators, level)
+        post = annotator_posterior(dense_strength(strength), h, ids, self.index.n_annotators, level)
         lo, hi = round(100 * (1 - level) / 2), round(100 * (1 + level) / 2)
         out = pd.DataFrame({"annotator": self.index.labels, "n_pairs": post["n_pairs"], "mean": post["mean"],
                             "sd": post["sd"], f"q{lo:02d}": post["low"], f"q{hi:02d}": post["high"]})

@@ -2,9 +2,11 @@
 
 Subcommands (implemented in :mod:`alignment.commands`):
 
-- ``mixdpo train --model DIR --data FILE.jsonl|DIR --strength lognormal ... --output DIR``
+- ``mixdpo train --model DIR --data FILE.jsonl|DIR --strength lognormal ... --output DIR`` (``--strength-level
+  annotator --annotator-column annotator_id``: one strength per annotator, panel MixDPO)
 - ``mixdpo evaluate --model DIR --ref-model DIR --data FILE [--group-column group]``
-- ``mixdpo report RUN_DIR`` (PNG plots of the learned distribution and per-pair strengths, a metrics table)
+- ``mixdpo report RUN_DIR`` (PNG plots of the learned distribution and per-pair strengths, a metrics table; for
+  an annotator-level run also the per-annotator caterpillar plot and the per-group table)
 - ``mixdpo demo [--model tiny|smollm2]``: DPO against MixDPO on the synthetic pluralistic task with a tiny
   GPT-NeoX built from a config (default), or a few LoRA MixDPO steps on SmolLM2-135M-Instruct (``make smollm2``).
 
@@ -29,6 +31,7 @@ from .commands import (
     train_command,
 )
 from .models import offline_hub
+from .panel import STRENGTH_LEVELS
 from .strength import STRENGTHS
 
 __all__ = [
@@ -95,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fix-mean", action="store_true", help="pin E[beta] to --beta, learn only the spread")
     t.add_argument("--objective", default="marginal", help="marginal | expected")
     t.add_argument("--group-column", help="subgroup or annotator column (macro accuracy)")
+    t.add_argument("--strength-level", choices=STRENGTH_LEVELS, default="pair",
+                   help="what one draw of beta belongs to: every pair (MixDPO) or every annotator (panel MixDPO, "
+                   "trained by EM with cached margins and refits of the strength; needs a random --strength)")
+    t.add_argument("--annotator-column", default="annotator_id",
+                   help="column naming each pair's annotator (--strength-level annotator; default annotator_id)")
     t.add_argument("--beta", type=positive_float, default=0.1)
     t.add_argument("--lr", type=non_negative_float, default=1e-6)
     t.add_argument("--epochs", type=positive_float, default=1.0)

@@ -9,6 +9,7 @@ TRL's ``maybe_extract_prompt`` splits into prompt and completions before the mar
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -16,11 +17,19 @@ from mixlogit.persistence import refuse_to_overwrite, write_json
 from mixlogit.tables import markdown_table
 
 from . import checkpoints, run_dir
+from .annotator_diagnostics import (
+    ANNOTATOR_PLOT_FILE,
+    annotator_group_summary,
+    plot_annotator_strength,
+    population_strength,
+    read_annotator_table,
+)
 from .data import load_preference_data, validate_preference_dataset
 from .diagnostics import PLOT_FILES, plot_strength, strength_to_arviz
 from .evaluate import evaluate
 from .losses import OBJECTIVES
 from .models import load_causal_lm
+from .panel import panel_integrator
 from .strength import STRENGTHS, build_strength, default_strength_init, parse_strength_init
 
 __all__ = [
@@ -103,6 +112,16 @@ def check_train(a) -> None:
         _naming(f"--nodes {a.nodes}", build_strength, a.strength, init, a.integrator, a.nodes, a.fix_mean, a.beta)
     # The trainer's log-probabilities are float32 (half precision is upcast): E[beta] must be finite there.
     _naming(init_flag, strength.check_range, torch.float32)
+    if a.strength_level == "annotator":
+        # MixDPOConfig's checks of the panel (a random strength, a rule with a panel form), named by their flags.
+        rule = f" --integrator {a.integrator!r}" if a.integrator is not None else ""
+        _naming(f"--strength-level annotator with --strength {a.strength}{rule}", panel_integrator, a.strength,
+                a.integrator)
+        if a.objective != "marginal":
+            raise ValueError(f"--strength-level annotator fits the panel marginal likelihood; --objective "
+                             f"{a.objective!r} has no panel form: use --objective marginal")
+        if not a.annotator_column:
+            raise ValueError("--annotator-column must name the column of each pair's annotator")
 
 
 def check_evaluate(a) -> None:
@@ -122,7 +141,7 @@ def check_report(a) -> None:
     """Check ``report``'s ``--out``: a folder whose earlier report is kept unless ``--overwrite``."""
     out = _report_dir(a)
     _check_not_file("--out", out)
-    _refuse_replacing("--out", out, (run_dir.REPORT_FILE, *PLOT_FILES), a.overwrite)
+    _refuse_replacing("--out", out, (run_dir.REPORT_FILE, *PLOT_FILES, ANNOTATOR_PLOT_FILE), a.overwrite)
 
 
 def _report_dir(a) -> str:
@@ -140,8 +159,10 @@ def _trl_side():
     return experiments
 
 
-def _load_data(path: str, flag: str = "--data", group_column: str | None = None, explicit_prompt: bool = False):
-    """Preference pairs from ``path``; a missing ``--group-column`` is named by its flag.
+def _load_data(path: str, flag: str = "--data", group_column: str | None = None, explicit_prompt: bool = False,
+               annotator_column: str | None = None):
+    """Preference pairs from ``path``; a missing ``--group-column`` or ``--annotator-column`` (or an annotator
+    missing in a row) is named by its flag.
 
     With ``explicit_prompt`` (for the commands that evaluate, which need a prompt per pair), implicit-prompt pairs
     are split by TRL (:func:`alignment.experiments.with_explicit_prompt`); ``train`` leaves that to the trainer,
@@ -153,6 +174,8 @@ def _load_data(path: str, flag: str = "--data", group_column: str | None = None,
             f"--group-column {group_column!r} is not a column of {flag} {path} (its columns: "
             f"{', '.join(data.column_names)})"
         )
+    if annotator_column is not None:
+        _check_annotators(data, flag, path, annotator_column)
     if not explicit_prompt or "prompt" in data.column_names:
         return data
     try:
@@ -165,14 +188,26 @@ def _load_data(path: str, flag: str = "--data", group_column: str | None = None,
         ) from None
 
 
+def _check_annotators(data, flag: str, path: str, column: str) -> None:
+    """Every pair of ``data`` names its annotator in ``column`` (before any split, so the row is the file's)."""
+    if column not in data.column_names:
+        raise ValueError(f"--annotator-column {column!r} is not a column of {flag} {path} (its columns: "
+                         f"{', '.join(data.column_names)}); --strength-level annotator needs each pair's annotator")
+    for i, v in enumerate(data[column]):
+        if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip()):
+            raise ValueError(f"--annotator-column {column!r} of {flag} {path} is missing in row {i} (value {v!r}): "
+                             "every pair needs its annotator with --strength-level annotator")
+
+
 def train_command(a) -> int:
     """``mixdpo train``: train, evaluate, and save the model, the strength and the run records into ``--output``."""
     import torch
 
     trl_side = _trl_side()
-    data = _load_data(a.data, "--data", a.group_column)
+    annotators = a.annotator_column if a.strength_level == "annotator" else None
+    data = _load_data(a.data, "--data", a.group_column, annotator_column=annotators)
     if a.eval_data:
-        train, test = data, _load_data(a.eval_data, "--eval-data", a.group_column)
+        train, test = data, _load_data(a.eval_data, "--eval-data", a.group_column, annotator_column=annotators)
     else:
         try:
             parts = data.train_test_split(test_size=a.eval_fraction, seed=a.seed)
@@ -208,6 +243,10 @@ def train_command(a) -> int:
         strength_fix_mean=a.fix_mean,
         objective=a.objective,
         group_column=a.group_column,
+        strength_level=a.strength_level,
+        annotator_column=a.annotator_column,
+        # The panel's phi is refitted on every cached margin (the one update it has); pairs keep the gradient.
+        strength_update="refit" if a.strength_level == "annotator" else "gradient",
         beta=a.beta,
         learning_rate=a.lr,
         num_train_epochs=a.epochs,
@@ -254,6 +293,8 @@ def train_command(a) -> int:
         "group_column": a.group_column,
         "max_length": a.max_length,
         "strength": a.strength,
+        "strength_level": a.strength_level,
+        "annotator_column": a.annotator_column if a.strength_level == "annotator" else None,
         "beta": a.beta,
         "train_seconds": wall,
         "steps": trainer.state.global_step,
@@ -324,6 +365,10 @@ def report_command(a) -> int:
     idata = strength_to_arviz(a.run_dir, data)
     out = _report_dir(a)
     paths = plot_strength(idata, out, dpo_beta=info.get("beta"))
+    annotators = ""
+    if os.path.isfile(os.path.join(a.run_dir, run_dir.STRENGTH_BY_ANNOTATOR)):
+        paths.append(plot_annotator_strength(a.run_dir, out))
+        annotators = _annotator_section(a.run_dir)
     rows = [{"quantity": f"beta/{k}", "value": float(v)} for k, v in info.get("params", {}).items()]
     post = idata.posterior["beta"].values.ravel()
     rows += [
@@ -342,7 +387,7 @@ def report_command(a) -> int:
     summary = az.summary(idata, var_names=["beta"], kind="stats")
     text = (
         f"# MixDPO run {a.run_dir}\n\nstrength family: {info['family']} (fix_mean={info.get('fix_mean')}, "
-        f"objective={info.get('objective')})\n\n{table}\n\n```\n{summary.to_string()}\n```\n\n"
+        f"objective={info.get('objective')})\n\n{table}\n\n```\n{summary.to_string()}\n```\n\n{annotators}"
         + "\n".join(f"![]({os.path.basename(p)})" for p in paths)
         + "\n"
     )
@@ -351,6 +396,21 @@ def report_command(a) -> int:
     print(text)
     print("plots:", *paths, sep="\n  ")
     return 0
+
+
+def _annotator_section(folder: str) -> str:
+    """The report's per-annotator part: the spread of the annotators' posterior means against the population, and
+    the per-group table when the run has groups."""
+    table = read_annotator_table(folder)
+    pop = population_strength(run_dir.load_strength(folder)[0])
+    text = (f"## Per-annotator strength\n\n{len(table)} annotators, {int(table['n_pairs'].sum())} pairs; posterior "
+            f"means {table['mean'].min():.4g} to {table['mean'].max():.4g} (sd {table['mean'].std():.4g}); the "
+            f"population (an annotator unseen in training) has mean {pop['mean']:.4g}, 90% interval "
+            f"{pop['low']:.4g} to {pop['high']:.4g}.\n\n")
+    groups = annotator_group_summary(table)
+    if groups is not None:
+        text += markdown_table(groups.reset_index().to_dict("records"), floatfmt=".4g", missing="nan") + "\n\n"
+    return text
 
 
 def demo_command(a) -> int:

@@ -16,7 +16,7 @@ from trl import DPOConfig
 from mixlogit.validation import check_bool, check_choice, check_count, check_non_negative, check_positive
 
 from .losses import check_objective
-from .panel import panel_integrator
+from .panel import STRENGTH_LEVELS, panel_integrator
 from .strength import default_strength_init, parse_strength_init, strength_class
 
 __all__ = ["STRENGTH_LEVELS", "STRENGTH_LR_CAP", "STRENGTH_LR_MULTIPLIER", "STRENGTH_UPDATES", "MixDPOConfig",
@@ -33,8 +33,6 @@ STRENGTH_LR_MULTIPLIER = 1000.0
 STRENGTH_LR_CAP = 1e-2
 #: How phi is trained (``MixDPOConfig.strength_update``).
 STRENGTH_UPDATES = ("gradient", "refit")
-#: What one draw of beta belongs to (``MixDPOConfig.strength_level``).
-STRENGTH_LEVELS = ("pair", "annotator")
 
 
 @dataclass

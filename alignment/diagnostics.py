@@ -11,7 +11,9 @@
 - attributes (of the InferenceData and of ``posterior``): the family, its parameters, mean, sd and CV.
 
 So ``az.summary(idata, var_names=["beta"])`` summarises the learned distribution and
-``az.plot_forest(idata, var_names=["beta_pair"])`` the per-pair strengths.
+``az.plot_forest(idata, var_names=["beta_pair"])`` the per-pair strengths. For annotator-level runs
+(``strength_level="annotator"``), :func:`annotator_strength_to_arviz` and :func:`plot_annotator_strength` (from
+:mod:`alignment.annotator_diagnostics`) give each annotator's posterior strength, with an ``annotator`` dim.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import numpy as np
 
 from mixlogit.validation import check_count
 
+from .annotator_diagnostics import annotator_strength_to_arviz, plot_annotator_strength
 from .evaluate import pair_logratios
 from .models import load_causal_lm
 from .run_dir import load_strength, read_margins, read_run_record, read_strength_config
 
-__all__ = ["PLOT_FILES", "plot_strength", "run_margins", "strength_to_arviz"]
+__all__ = ["PLOT_FILES", "annotator_strength_to_arviz", "plot_annotator_strength", "plot_strength", "run_margins",
+           "strength_to_arviz"]
 
 #: Written by :func:`plot_strength` (the last only with groups): the strength density, the per-pair strengths
 #: and the per-group strengths.

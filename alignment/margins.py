@@ -19,12 +19,10 @@ import torch
 from transformers import TrainerCallback
 
 from .batching import GROUP_ID_COLUMN, ROW_COLUMN
+from .run_dir import MARGIN_CACHE_NAME
 from .strength_fit import fit_strength, strength_vector
 
 __all__ = ["MARGIN_CACHE_NAME", "MarginCache", "PairMarginsMixin", "StrengthRefit"]
-
-#: File of the margin cache in a checkpoint.
-MARGIN_CACHE_NAME = "margin_cache.pt"
 
 
 class MarginCache:

@@ -37,11 +37,14 @@ from .strength import strength_class
 from .strength_base import DETERMINISTIC_INTEGRATORS, Strength
 
 __all__ = [
+    "DENSE_NODES",
     "PANEL_CHUNK_ELEMENTS",
     "POINT_PANEL_MESSAGE",
+    "STRENGTH_LEVELS",
     "annotator_log_weights",
     "annotator_posterior",
     "check_annotator_ids",
+    "dense_strength",
     "panel_conditional_loglik",
     "panel_integrator",
     "panel_loglik",
@@ -52,12 +55,16 @@ __all__ = [
 #: Elements (annotators x padded pairs x nodes) of the largest packed tensor: annotators are packed in chunks of
 #: similar pair counts, so one annotator with many pairs does not pad every other one to its length.
 PANEL_CHUNK_ELEMENTS = 2**22
+#: What one draw of beta belongs to (``MixDPOConfig.strength_level``).
+STRENGTH_LEVELS = ("pair", "annotator")
 #: Why the panel refuses a point strength.
 POINT_PANEL_MESSAGE = (
     "strength_level='annotator' needs a random strength (e.g. strength='lognormal' or 'gamma'): a point strength "
     "is one fixed beta shared by every annotator, so it has no per-annotator part and the panel objective is then "
     "exactly the pair objective; use strength_level='pair' for DPO"
 )
+#: Nodes of the dense rule of the per-annotator posteriors (:func:`dense_strength`).
+DENSE_NODES = 512
 # Integrators whose rule is one set of points and weights shared by every unit ("exact": the point mass).
 _SHARED_RULES = (*DETERMINISTIC_INTEGRATORS, "exact")
 
@@ -110,6 +117,21 @@ def rule_points(strength: Strength, dtype: torch.dtype = torch.float64,
     beta, log_w = strength._rule(1, torch.float64, torch.device(device))
     beta = beta.reshape(-1).clamp_max(torch.finfo(dtype).max).to(dtype)
     return beta, log_w.reshape(-1).to(dtype)
+
+
+def dense_strength(strength: Strength, nodes: int = DENSE_NODES) -> Strength:
+    """The same family and parameters on a ``nodes``-node composite rule ("quadrature"), for per-annotator
+    posteriors whose interval ends are not limited by the training rule's spacing; the strength itself when its
+    family has no such rule or its constructor takes other arguments."""
+    cls = type(strength)
+    if "quadrature" not in cls.integrators:
+        return strength
+    try:
+        dense = cls(integrator="quadrature", nodes=nodes, fix_mean=bool(getattr(strength, "fix_mean", False)))
+        dense.load_state_dict(strength.state_dict())
+    except (TypeError, ValueError, RuntimeError):
+        return strength
+    return dense.to(next(iter(strength.parameters())).device)
 
 
 def check_annotator_ids(annotator, n_margins: int, n_annotators: int) -> torch.Tensor:

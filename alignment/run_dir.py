@@ -8,6 +8,10 @@
   ``fix_mean``, DPO's ``beta``, objective, ``format_version``), its groups, and the parameters and moments
   reached (``params``, ``mean``, ``std``, ``cv``). :func:`load_strength` rebuilds the module from the two.
 
+With ``strength_level="annotator"`` (and ``strength_update="refit"``) the trainer also writes ``margin_cache.pt``
+(every training pair's latest margin), ``annotators.json`` (the annotator index: labels and the annotator id of
+every training row) and ``strength_by_annotator.csv`` (the per-annotator posterior strengths).
+
 ``mixdpo train`` adds, into ``RUN``: ``metrics.json`` (the final evaluation), ``mixdpo_run.json`` (models, data
 and options of the run) and ``margins.npz`` (the margins of the evaluation pairs after training); ``mixdpo
 report`` writes into ``RUN/report``. JSON files are written atomically (:func:`mixlogit.persistence.write_json`).
@@ -32,13 +36,16 @@ from .strength import STRENGTHS, Strength, build_strength, default_strength_init
 
 __all__ = [
     "ADAPTER_FILES",
+    "ANNOTATORS_FILE",
     "FORMAT_VERSION",
     "MARGINS_FILE",
+    "MARGIN_CACHE_NAME",
     "METRICS_FILE",
     "REPORT_DIR",
     "REPORT_FILE",
     "RUN_FILE",
     "RUN_RESULTS",
+    "STRENGTH_BY_ANNOTATOR",
     "STRENGTH_CONFIG_NAME",
     "STRENGTH_WEIGHTS_NAME",
     "load_strength",
@@ -62,6 +69,12 @@ STRENGTH_WEIGHTS_NAME = "strength.pt"
 STRENGTH_CONFIG_NAME = "strength.json"
 #: Version of the ``strength.json`` layout.
 FORMAT_VERSION = 1
+#: With ``strength_update="refit"``: every training pair's latest margin (in every checkpoint too).
+MARGIN_CACHE_NAME = "margin_cache.pt"
+#: With ``strength_level="annotator"``: the annotator index of the run, in every checkpoint too.
+ANNOTATORS_FILE = "annotators.json"
+#: With ``strength_level="annotator"``: the per-annotator posterior strengths, in every checkpoint too.
+STRENGTH_BY_ANNOTATOR = "strength_by_annotator.csv"
 #: Written by ``mixdpo train``: the margins of the evaluation pairs after training.
 MARGINS_FILE = "margins.npz"
 #: Written by ``mixdpo train``: how the run was made (model and reference paths, data, options).
