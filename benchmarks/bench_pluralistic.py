@@ -73,6 +73,10 @@ def prepare_output(out: str, settings: dict, overwrite: bool) -> None:
         else:
             with open(path) as f:
                 kept = json.load(f)
+            if _grown(kept, settings):
+                # Methods were added to the benchmark: the kept runs stay valid, the new ones are run.
+                _write_settings(path, settings)
+                return
             if kept != settings:
                 changed = sorted(k for k in set(kept) | set(settings) if kept.get(k) != settings.get(k))
                 raise SystemExit(f"bench_pluralistic: --output {out} holds a run with other settings ({', '.join(changed)}"
@@ -80,9 +84,38 @@ def prepare_output(out: str, settings: dict, overwrite: bool) -> None:
             return
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     os.makedirs(os.path.join(out, "models"), exist_ok=True)
+    _write_settings(path, settings)
+
+
+def _write_settings(path: str, settings: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(settings, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _grown(kept: dict, settings: dict) -> bool:
+    """True when ``settings`` only adds methods to ``kept`` (every kept method unchanged, everything else equal)."""
+    if kept == settings or {k: v for k, v in kept.items() if k != "methods"} != {
+            k: v for k, v in settings.items() if k != "methods"}:
+        return False
+    return all(all(m in settings["methods"].get(arm, []) for m in methods) for arm, methods in kept["methods"].items())
+
+
+def _upgrade_header(path: str, fields: list[str]) -> None:
+    """Rewrite a runs file whose header lacks columns added since it was written (the new ones left empty)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames == fields:
+            return
+        rows = list(reader)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
     os.replace(tmp, path)
 
 
@@ -112,6 +145,7 @@ def run_seed(out: str, settings: dict, seed: int) -> None:
     from alignment import synthetic
 
     path = os.path.join(out, "runs", f"seed{seed}.csv")
+    _upgrade_header(path, COLUMNS)
     done = _done(path)
     scale = Scale(**settings["scale"])
     todo = [(arm, lv, Method(label, trainer, over, tuple(betas)), b)

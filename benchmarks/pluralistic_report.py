@@ -76,7 +76,8 @@ def summary_rows(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
             row = {"arm": arm, "level": level, "method": method, "seeds": len(m),
                    "beta": float(m["beta"].median()), "reference_acc": float(ref["acc"].mean())}
             for col in ("acc", "acc_macro", "acc_worst", "acc_minority", "test_nll", "kl_true", "ece", "kl_ref",
-                        "win", "win_gain", "beta_mean", "cv", "sd_log", "s_per_step", "realized_sd_log"):
+                        "win", "win_gain", "beta_mean", "cv", "sd_log", "s_per_step", "realized_sd_log",
+                        "annotator_spearman"):
                 if col in m:
                     row[col] = float(m[col].mean())
             if m["sd_log_low"].notna().any():
@@ -127,7 +128,7 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
                 "realized sd": r["realized_sd_log"], "KL(pi|ref)": r["kl_ref"], "win": r["win"],
                 "d acc vs DPO [95%]": _fmt_diff(r, "acc"), "d NLL vs DPO": _fmt_diff(r, "test_nll", 4),
                 "d win @KL": _fmt_diff(r, "win_gain"), "max d phi (last 20%)": r["phi_change_max"],
-                "s/step": r["s_per_step"],
+                "annotator Spearman": r.get("annotator_spearman", np.nan), "s/step": r["s_per_step"],
             })
         parts.append(f"\n### Arm: {arm}\n")
         parts.append(markdown_table(table, floatfmt=".3f", missing=""))
@@ -148,8 +149,9 @@ def plots(summary: pd.DataFrame, best: pd.DataFrame, runs: pd.DataFrame, out: st
     arms = sorted(dict.fromkeys(summary["arm"]), key=lambda a: (ARM_ORDER.index(a) if a in ARM_ORDER else 99, a))
     for arm in arms:
         methods = [m for m in dict.fromkeys(summary.loc[summary["arm"] == arm, "method"]) if m != "DPO"]
-        groups = [("baselines", [m for m in methods if not m.startswith("MixDPO")]),
-                  ("MixDPO", [m for m in methods if m.startswith("MixDPO")])]
+        groups = [("baselines", [m for m in methods if not m.startswith(("MixDPO", "panel-"))]),
+                  ("MixDPO", [m for m in methods if m.startswith("MixDPO")]),
+                  ("panel MixDPO", [m for m in methods if m.startswith("panel-")])]
         groups = [(g, ms) for g, ms in groups if ms]
         if len(methods) <= 6:
             groups = [("methods", methods)]

@@ -30,7 +30,7 @@ COLUMNS = ["seed", "arm", "level", "method", "beta", "acc", "acc_macro", "acc_wo
            "test_nll", "kl_true", "ece", "brier", "margin_mean", "beta_mean", "cv", "sd_log", "sd_log_low",
            "sd_log_high", "lr_stat", "lr_pvalue", "phi_change", "kl_ref", "win", "reward", "train_s", "s_per_step",
            "base_strength", "expected_label_accuracy", "label_accuracy_train", "label_accuracy_validation",
-           "label_accuracy_test", "realized_sd_log"]
+           "label_accuracy_test", "realized_sd_log", "annotator_spearman"]
 MIX_BETAS = (0.1, 0.3, 1.0)  # beta0 of the MixDPO variants (the pinned mean, or the free mean's start)
 HELDOUT_SAMPLES = 32  # completions per held-out prompt for KL and win rate
 MAX_NEW_TOKENS = 5  # three words and eos, plus one
@@ -51,10 +51,18 @@ class Method:
 REFIT = {"strength_update": "refit", "strength_refit_steps": 10}
 
 
-def _mix(label, **over):
-    return Method(label, "mixdpo", {**REFIT, **over}, MIX_BETAS)
+def _mix(label, betas=MIX_BETAS, **over):
+    return Method(label, "mixdpo", {**REFIT, **over}, betas)
 
 
+#: Annotator-level (panel) MixDPO, one strength per annotator (``strength_level="annotator"``): the free mean from one
+#: start (its refits land on the same E[beta] from .1, .3 or 1) in every arm; the pinned mean on the MixDPO grid in
+#: the strength arm only (the grid of arms "direction" and "clickers" is sized to fit the benchmark's wall time).
+PANEL_METHODS = [
+    _mix("panel-MixDPO-LogNormal", (0.3,), strength="lognormal", strength_level="annotator"),
+    _mix("panel-MixDPO-Gamma", (0.3,), strength="gamma", strength_level="annotator"),
+    _mix("panel-MixDPO-LogNormal-pinned", strength="lognormal", strength_level="annotator", strength_fix_mean=True),
+]
 #: The full method list (arm "strength"); arms "direction" and "clickers" run :data:`OTHER_ARMS_METHODS`.
 METHODS = [
     Method("DPO", "trl"),
@@ -67,12 +75,15 @@ METHODS = [
     _mix("MixDPO-Gamma", strength="gamma"),
     _mix("MixDPO-Gamma-pinned", strength="gamma", strength_fix_mean=True),
     _mix("MixDPO-LogNormal-pinned-expected", strength="lognormal", strength_fix_mean=True, objective="expected"),
+    *PANEL_METHODS,
 ]
-OTHER_ARMS_METHODS = ["DPO", "MixDPO-LogNormal", "MixDPO-LogNormal-pinned"]
+OTHER_ARMS_METHODS = ["DPO", "MixDPO-LogNormal", "MixDPO-LogNormal-pinned", "panel-MixDPO-LogNormal",
+                      "panel-MixDPO-Gamma"]
 QUICK_METHODS = [
     Method("DPO", "trl", betas=(0.1, 1.0)),
     Method("DPO-learned-beta", "mixdpo", METHODS[1].overrides, (0.1,)),
     Method("MixDPO-LogNormal-pinned", "mixdpo", METHODS[6].overrides, (0.3,)),
+    Method("panel-MixDPO-LogNormal-pinned", "mixdpo", PANEL_METHODS[2].overrides, (0.3,)),
 ]
 BY_LABEL = {m.label: m for m in METHODS}
 
@@ -220,6 +231,39 @@ def _phi_change(trainer, steps: int) -> float:
     return max(abs(final[k] - start[k]) for k in final) if final else 0.0
 
 
+@torch.no_grad()
+def _preferred_probability(trainer, strength, h: np.ndarray, split, name: str) -> np.ndarray:
+    """P(chosen preferred) of each pair of ``split`` (shape (n,)) under the run's model of the labels.
+
+    Per-pair models integrate beta over the learned population; annotator-level (panel) MixDPO predicts a pair of
+    a training annotator from that annotator's posterior ``q_a`` (its training pairs' final margins), the
+    posterior predictive its own evaluation loss uses, and an unseen annotator's from the population.
+    """
+    hh = torch.as_tensor(h, dtype=torch.float64)
+    panel = getattr(trainer, "panel", None)
+    if panel is None:
+        return torch.exp(strength.log_prob_preferred(hh)).numpy()
+    from alignment.panel import panel_pair_loss, rule_points
+
+    ids = torch.as_tensor(panel.index.ids(split[panel.index.column], name))
+    log_q = panel.log_weights(strength, trainer.margin_cache)
+    _, log_w = rule_points(strength, torch.float64)
+    table = torch.cat([log_q, log_w.unsqueeze(0)])  # last row: the population
+    rows = torch.where(ids < 0, log_q.shape[0], ids)
+    return torch.exp(-panel_pair_loss(strength, hh, table[rows], predictive=True)).numpy()
+
+
+def _annotator_spearman(panel, strength, cache, task) -> float:
+    """Spearman correlation of the annotators' posterior mean strengths with the generator's true strengths."""
+    from scipy.stats import spearmanr
+
+    table = panel.table(strength, cache)
+    truth = task.annotators.set_index("annotator_id")["true_strength"].loc[table["annotator"]].to_numpy()
+    if np.ptp(truth) == 0:  # level 0: every annotator has the same strength, no ranking to recover
+        return math.nan
+    return float(spearmanr(table["mean"].to_numpy(), truth).statistic)
+
+
 def evaluate_run(ctx: SeedContext, task, method: Method, beta: float) -> dict[str, Any]:
     """Train one (method, beta) on ``task`` and measure it: one CSV row."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -229,10 +273,10 @@ def evaluate_run(ctx: SeedContext, task, method: Method, beta: float) -> dict[st
     strength = _strength_of(trainer, beta)
     row: dict[str, Any] = {"method": method.label, "beta": beta, "train_s": train_s,
                            "s_per_step": train_s / ctx.scale.steps}
+    panel = getattr(trainer, "panel", None)
     for name, split in (("val", task.validation), ("test", task.test)):
         h = ctx.margins(policy, split)
-        with torch.no_grad():
-            p = torch.exp(strength.log_prob_preferred(torch.as_tensor(h, dtype=torch.float64))).numpy()
+        p = _preferred_probability(trainer, strength, h, split, name)
         probs = metrics.pair_probability_metrics(p, np.ones(len(h)), np.asarray(split["p_true"]))
         row[f"{name}_nll"] = probs["nll"]
         if name == "test":
@@ -248,7 +292,12 @@ def evaluate_run(ctx: SeedContext, task, method: Method, beta: float) -> dict[st
                sd_log=sd_log_strength(strength), phi_change=_phi_change(trainer, ctx.scale.steps))
     cache = getattr(trainer, "margin_cache", None)
     if cache is not None and strength.family in ("lognormal", "gamma"):
-        prof = profile_spread(strength, cache.seen(), trainer.args.objective)
+        if panel is None:
+            prof = profile_spread(strength, cache.seen(), trainer.args.objective)
+        else:
+            h, ids = panel.cached(cache)
+            prof = profile_spread(strength, h, "marginal", annotator=ids, n_annotators=panel.index.n_annotators)
+            row["annotator_spearman"] = _annotator_spearman(panel, strength, cache, task)
         row.update(sd_log_low=prof["sd_log_low"], sd_log_high=prof["sd_log_high"], lr_stat=prof["lr_stat"],
                    lr_pvalue=prof["lr_pvalue"])
     kl = metrics.policy_kl(policy, ctx.model, ctx.tokenizer, ctx.heldout, HELDOUT_SAMPLES, MAX_NEW_TOKENS, ctx.seed)

@@ -75,3 +75,38 @@ def test_output_folder_is_resumed_refused_or_replaced(quick, tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
     bad = _run("--quick", "--output", str(tmp_path / "x"), "--levels", "0.7", check=False)
     assert bad.returncode and "accepted levels are 0.0, 0.5, 1.0, 1.5" in bad.stderr
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pluralistic_module", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quick_run_has_a_panel_row_with_its_annotator_columns(quick):
+    runs = pd.read_csv(quick[0] / "runs.csv")
+    panel = runs[runs["method"] == "panel-MixDPO-LogNormal-pinned"]
+    assert len(panel) == 2 and "annotator_spearman" in runs.columns
+    # Level 0: every annotator has one strength, nothing to rank; level 1.5: a correlation in [-1, 1].
+    by_level = panel.set_index("level")["annotator_spearman"]
+    assert pd.isna(by_level[0.0]) and -1 <= by_level[1.5] <= 1
+    assert panel["sd_log_high"].notna().all()  # the panel's profile interval of the spread
+
+
+def test_added_methods_continue_a_kept_run_and_old_files_gain_the_new_columns(tmp_path):
+    bench = _bench_module()
+    kept = {"format": 1, "scale": {"steps": 150}, "methods": {"strength": [["DPO", "trl", [1.0], {}]]}}
+    grown = {**kept, "methods": {"strength": [["DPO", "trl", [1.0], {}], ["panel", "mixdpo", [0.3], {}]]}}
+    assert bench._grown(kept, grown)
+    assert not bench._grown(kept, kept)  # nothing added: the plain equality check applies
+    assert not bench._grown(kept, {**grown, "scale": {"steps": 100}})  # other sizes: the kept runs are not these
+    assert not bench._grown(grown, kept)  # a method removed
+    changed = {**kept, "methods": {"strength": [["DPO", "trl", [0.3], {}]]}}
+    assert not bench._grown(kept, changed)
+    path = tmp_path / "seed0.csv"
+    path.write_text("seed,method,acc\n0,DPO,0.9\n")
+    bench._upgrade_header(str(path), ["seed", "method", "acc", "annotator_spearman"])
+    assert path.read_text() == "seed,method,acc,annotator_spearman\n0,DPO,0.9,\n"
