@@ -10,6 +10,11 @@ Subcommands (implemented in :mod:`alignment.commands`):
 - ``mixdpo demo [--model tiny|smollm2]``: DPO against MixDPO on the synthetic pluralistic task with a tiny
   GPT-NeoX built from a config (default), or a few LoRA MixDPO steps on SmolLM2-135M-Instruct (``make smollm2``).
 
+Every option's help ends with its default (``mixdpo train --help``). ``train`` also takes ``--threads N`` (torch's
+intra-op threads), ``--report-to`` (transformers' ``report_to``: none, all, tensorboard, wandb, ...) and
+``--gradient-checkpointing/--no-gradient-checkpointing`` (default: on where the model supports it, off on the CPU);
+it warns on stderr when fewer than 20 optimizer steps will run. Margins are in nats, TRL's ``rewards/*`` in beta*h.
+
 Models are loaded from local directories only (``save_pretrained`` output) or from the SmolLM2 GGUF cache; a hub
 model name is refused, since this tool runs offline.
 """
@@ -72,86 +77,115 @@ non_negative_float = _flag_type("non_negative_float", float, check_non_negative,
 open_fraction = _flag_type("open_fraction", float, check_fraction, "a number between 0 and 1 (exclusive)")
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default ("(default: 8)"), unless its help already says what the default
+    is, or the option is required or an on/off switch (``store_true``: off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.required or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mixdpo",
         description="MixDPO: DPO with a learned distribution of preference "
         "strength, for Hugging Face causal LMs.",
+        formatter_class=_HelpWithDefaults,
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a causal LM with MixDPO")
-    t.add_argument("--model", required=True, help="local save_pretrained directory, or 'smollm2'")
-    t.add_argument("--ref-model", help="reference model directory (default: --model)")
-    t.add_argument("--data", required=True, help="preference pairs: FILE.jsonl or a save_to_disk directory")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text, formatter_class=_HelpWithDefaults)
+
+    t = command("train", "train a causal LM with MixDPO")
+    t.add_argument("--model", required=True, help="local save_pretrained directory, or 'smollm2' (required)")
+    t.add_argument("--ref-model", help="reference model directory (default: --model; not with --lora, whose "
+                   "reference is --model with the adapter disabled)")
+    t.add_argument("--data", required=True,
+                   help="preference pairs: FILE.jsonl, FILE.json or a save_to_disk directory (required)")
     t.add_argument("--eval-data", help="held-out pairs (default: --eval-fraction of --data)")
     t.add_argument("--eval-fraction", type=open_fraction, default=0.1,
                    help="share of --data held out for evaluation when there is no --eval-data (0 to 1)")
-    t.add_argument("--output", required=True, help="run directory (refused if it holds files, unless --overwrite)")
+    t.add_argument("--output", required=True,
+                   help="run directory (required; refused if it holds files, unless --overwrite)")
     t.add_argument("--overwrite", action="store_true", help="write the run over the files already in --output")
-    t.add_argument("--strength", default="lognormal", help=" | ".join(STRENGTHS))
-    t.add_argument("--strength-init", help="initial family parameters as JSON, e.g. '{\"sigma\": 1.0}'")
-    t.add_argument("--integrator", help="integrator of E_beta (family default if omitted)")
-    t.add_argument("--nodes", type=positive_int, help="quadrature nodes or draws")
+    t.add_argument("--strength", default="lognormal", help="strength family: " + " | ".join(STRENGTHS))
+    t.add_argument("--strength-init", help="initial family parameters as JSON, e.g. '{\"sigma\": 1.0}' "
+                   "(default: the family's, with E[beta] = --beta)")
+    t.add_argument("--integrator", help="integrator of E_beta (default: the family's)")
+    t.add_argument("--nodes", type=positive_int, help="quadrature nodes or draws (default: the integrator's)")
     t.add_argument("--strength-lr", type=non_negative_float,
-                   help="strength learning rate (default min(1000 lr, 1e-2))")
+                   help="strength learning rate (default: min(1000 * --lr, 1e-2))")
     t.add_argument("--fix-mean", action="store_true", help="pin E[beta] to --beta, learn only the spread")
     t.add_argument("--objective", default="marginal", help="marginal | expected")
-    t.add_argument("--group-column", help="subgroup or annotator column (macro accuracy)")
+    t.add_argument("--group-column", help="subgroup or annotator column (macro accuracy; default: none)")
     t.add_argument("--strength-level", choices=STRENGTH_LEVELS, default="pair",
                    help="what one draw of beta belongs to: every pair (MixDPO) or every annotator (panel MixDPO, "
                    "trained by EM with cached margins and refits of the strength; needs a random --strength)")
     t.add_argument("--annotator-column", default="annotator_id",
-                   help="column naming each pair's annotator (--strength-level annotator; default annotator_id)")
-    t.add_argument("--beta", type=positive_float, default=0.1)
-    t.add_argument("--lr", type=non_negative_float, default=1e-6)
-    t.add_argument("--epochs", type=positive_float, default=1.0)
-    t.add_argument("--max-steps", type=non_negative_int, default=0, help="training steps (0: --epochs decides)")
-    t.add_argument("--batch-size", type=positive_int, default=8)
-    t.add_argument("--grad-accum", type=positive_int, default=1)
-    t.add_argument("--max-length", type=positive_int, default=1024)
+                   help="column naming each pair's annotator (with --strength-level annotator)")
+    t.add_argument("--beta", type=positive_float, default=0.1, help="DPO's beta: E[beta] at the start")
+    t.add_argument("--lr", type=non_negative_float, default=1e-6, help="the policy's learning rate")
+    t.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training pairs")
+    t.add_argument("--max-steps", type=non_negative_int, default=0,
+                   help="optimizer steps (0: --epochs decides)")
+    t.add_argument("--batch-size", type=positive_int, default=8, help="pairs per batch")
+    t.add_argument("--grad-accum", type=positive_int, default=1, help="batches per optimizer step")
+    t.add_argument("--max-length", type=positive_int, default=1024, help="tokens of prompt + completion")
     t.add_argument("--lora", type=non_negative_int, default=0, help="LoRA rank (0: full fine-tuning)")
     t.add_argument("--precompute-ref", action="store_true", help="precompute the reference log-probs")
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--logging-steps", type=positive_int, default=10)
+    t.add_argument("--seed", type=int, default=42, help="seed of the split, the data order and the model")
+    t.add_argument("--logging-steps", type=positive_int, default=10, help="optimizer steps between logs")
     t.add_argument("--save-steps", type=non_negative_int, default=0,
                    help="checkpoint every N steps (0: no checkpoints)")
-    t.add_argument("--resume", help="checkpoint directory to resume from")
+    t.add_argument("--resume", help="checkpoint directory to resume from (default: start afresh)")
     t.add_argument("--cpu", action="store_true", help="train on the CPU even if an accelerator is present")
+    t.add_argument("--threads", type=positive_int,
+                   help="torch intra-op threads, torch.set_num_threads (default: torch's own setting)")
+    t.add_argument("--report-to", default="none",
+                   help="where transformers reports the logs: none, all (every installed integration), or "
+                   "integration names joined by commas (tensorboard, wandb, mlflow, ...)")
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in the backward pass to save memory, at about a quarter more "
+                   "compute per step (default: on where the model supports it, off on the CPU, where memory is "
+                   "rarely the limit and the recomputation only costs time)")
     t.set_defaults(func=train_command, check=check_train)
 
-    e = sub.add_parser("evaluate", help="preference accuracy and margins of a policy against a reference")
-    e.add_argument("--model", required=True, help="policy directory (or a mixdpo train run directory)")
+    e = command("evaluate", "preference accuracy and margins (nats) of a policy against a reference")
+    e.add_argument("--model", required=True, help="policy directory, or a mixdpo train run directory (required)")
     e.add_argument("--ref-model", help="reference directory (default: the run's reference)")
-    e.add_argument("--data", required=True)
-    e.add_argument("--group-column")
-    e.add_argument("--batch-size", type=positive_int, default=16)
-    e.add_argument("--max-length", type=positive_int)
-    e.add_argument("--json", help="also write the metrics to this JSON file")
+    e.add_argument("--data", required=True, help="preference pairs: FILE.jsonl, FILE.json or a save_to_disk "
+                   "directory (required)")
+    e.add_argument("--group-column", help="subgroup column (default: the run's --group-column, if --data has it)")
+    e.add_argument("--batch-size", type=positive_int, default=16, help="pairs per forward pass")
+    e.add_argument("--max-length", type=positive_int,
+                   help="tokens of prompt + completion (default: the run's --max-length, else no limit)")
+    e.add_argument("--json", help="also write the metrics to this JSON file (default: print only)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     e.set_defaults(func=evaluate_command, check=check_evaluate)
 
-    r = sub.add_parser("report", help="plots and a metrics table of a mixdpo train run")
-    r.add_argument("run_dir")
+    r = command("report", "plots and a metrics table of a mixdpo train run")
+    r.add_argument("run_dir", help="the --output directory of a mixdpo train run")
     r.add_argument("--data", help="pairs for the per-pair strengths (default: the run's held-out margins)")
-    r.add_argument("--out", help="output directory (default RUN_DIR/report)")
+    r.add_argument("--out", help="output directory (default: RUN_DIR/report)")
     r.add_argument("--overwrite", action="store_true", help="replace an earlier report.md and plots in --out")
     r.set_defaults(func=report_command, check=check_report)
 
-    d = sub.add_parser(
-        "demo", help="DPO vs MixDPO on the synthetic pluralistic task (tiny model), or SmolLM2"
-    )
-    d.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
-    d.add_argument("--pairs", type=positive_int, default=1200)
-    d.add_argument("--heterogeneity", type=float, default=1.5)
+    d = command("demo", "DPO vs MixDPO on the synthetic pluralistic task (tiny model), or SmolLM2")
+    d.add_argument("--model", default="tiny", choices=["tiny", "smollm2"], help="which demo")
+    d.add_argument("--pairs", type=positive_int, default=1200, help="synthetic pairs (tiny)")
+    d.add_argument("--heterogeneity", type=float, default=1.5, help="spread of the annotators' strengths (tiny)")
     d.add_argument("--steps", type=positive_int, default=None,
-                   help="training steps per method (tiny 150, smollm2 5)")
-    d.add_argument("--pretrain-steps", type=non_negative_int, default=200)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--output", help="output directory of the smollm2 demo")
+                   help="training steps per method (default: 150 for tiny, 5 for smollm2)")
+    d.add_argument("--pretrain-steps", type=non_negative_int, default=200, help="pretraining steps of the tiny LM")
+    d.add_argument("--seed", type=int, default=0, help="seed of the task and the models")
+    d.add_argument("--output", help="output directory of the smollm2 demo (default: ./mixdpo-smollm2)")
     d.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch intra-op threads (default 1: spinning OpenMP threads are slow on a loaded machine; "
         "try 2 on an idle 2-core machine for SmolLM2)",

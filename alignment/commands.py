@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 from mixlogit.persistence import refuse_to_overwrite, write_json
 from mixlogit.tables import markdown_table
 
-from . import checkpoints, run_dir
+from . import checkpoints, run_checks, run_dir
 from .annotator_diagnostics import (
     ANNOTATOR_PLOT_FILE,
     annotator_group_summary,
@@ -96,6 +97,11 @@ def check_train(a) -> None:
         latest = checkpoints.last_complete(a.output)
         hint = f" (or continue that run with --resume {latest})" if latest else ""
         _refuse_replacing("--output", a.output, present, a.overwrite, hint)
+    if a.ref_model and a.lora:
+        raise ValueError(f"--ref-model {a.ref_model} cannot be used with --lora {a.lora}: with LoRA the reference is "
+                         "--model with the adapter disabled, so a separate reference would be ignored; drop "
+                         "--ref-model, or drop --lora to fine-tune the whole model against --ref-model")
+    a.report_to = run_checks.check_report_to(a.report_to)
     if a.objective not in OBJECTIVES:
         raise ValueError(f"--objective {a.objective!r} is not an objective; accepted: {', '.join(OBJECTIVES)}")
     if a.strength not in STRENGTHS:
@@ -138,7 +144,13 @@ def check_evaluate(a) -> None:
 
 
 def check_report(a) -> None:
-    """Check ``report``'s ``--out``: a folder whose earlier report is kept unless ``--overwrite``."""
+    """Check ``report``'s ``RUN_DIR`` (a run folder: it has ``strength.json``) and ``--out`` (a folder whose earlier
+    report is kept unless ``--overwrite``)."""
+    if not os.path.isdir(a.run_dir):
+        raise ValueError(f"RUN_DIR {a.run_dir} is not a directory; pass the --output directory of a mixdpo train run")
+    if run_dir.read_strength_config(a.run_dir) is None:
+        raise ValueError(f"RUN_DIR {a.run_dir} is not a mixdpo train run directory (it has no "
+                         f"{run_dir.STRENGTH_CONFIG_NAME}); pass the --output directory of a mixdpo train run")
     out = _report_dir(a)
     _check_not_file("--out", out)
     _refuse_replacing("--out", out, (run_dir.REPORT_FILE, *PLOT_FILES, ANNOTATOR_PLOT_FILE), a.overwrite)
@@ -200,9 +212,15 @@ def _check_annotators(data, flag: str, path: str, column: str) -> None:
 
 
 def train_command(a) -> int:
-    """``mixdpo train``: train, evaluate, and save the model, the strength and the run records into ``--output``."""
+    """``mixdpo train``: train, evaluate, and save the model, the strength and the run records into ``--output``.
+
+    The printed table names each metric's unit: ``eval_loss`` in nats, TRL's ``eval_rewards/margins`` in beta*h
+    (logits; h, the margin, is the policy log-ratio minus the reference log-ratio, in nats).
+    """
     import torch
 
+    if a.threads is not None:  # otherwise torch keeps its own setting (or OMP_NUM_THREADS)
+        torch.set_num_threads(a.threads)
     trl_side = _trl_side()
     annotators = a.annotator_column if a.strength_level == "annotator" else None
     data = _load_data(a.data, "--data", a.group_column, annotator_column=annotators)
@@ -231,7 +249,7 @@ def train_command(a) -> int:
             task_type="CAUSAL_LM",
             target_modules="all-linear",
         )
-    elif not a.precompute_ref:
+    elif a.ref_model or not a.precompute_ref:  # --precompute-ref computes with --ref-model when it is given
         ref_model, _ = load_causal_lm(a.ref_model or a.model)
     cfg = trl_side.MixDPOConfig(
         output_dir=a.output,
@@ -257,14 +275,14 @@ def train_command(a) -> int:
         max_length=a.max_length,
         seed=a.seed,
         precompute_ref_log_probs=a.precompute_ref,
-        report_to="none",
+        report_to=a.report_to,
         logging_steps=a.logging_steps,
         save_strategy="steps" if a.save_steps else "no",
         save_steps=a.save_steps or 500,
         use_cpu=a.cpu,
         dataloader_num_workers=0,
-        # bf16 autocast only where the hardware has it; on a CPU TRL's bf16 default is emulated and slow.
-        bf16=bool(not a.cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        # None: on where the model supports it, off on the CPU (MixDPOConfig); bf16 is the config's default too.
+        gradient_checkpointing=a.gradient_checkpointing,
     )
     trainer = trl_side.MixDPOTrainer(
         model=model,
@@ -275,6 +293,10 @@ def train_command(a) -> int:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    steps = run_checks.planned_optimizer_steps(len(trainer.train_dataset), a.batch_size, a.grad_accum, a.epochs,
+                                               a.max_steps, cfg.world_size)
+    if note := run_checks.few_steps_warning(steps):
+        print(f"mixdpo train: warning: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=a.resume or None)
     wall = time.perf_counter() - t0
@@ -284,11 +306,11 @@ def train_command(a) -> int:
     trainer.save_model(a.output)
     tokenizer.save_pretrained(a.output)
     run_dir.save_margins(a.output, trainer.pair_margins(test))
-    run = {
-        "model": a.model,
-        "ref_model": a.ref_model or a.model,
-        "data": a.data,
-        "eval_data": a.eval_data,
+    run = {  # absolute paths: the run folder works from any working directory
+        "model": run_checks.recorded_path(a.model),
+        "ref_model": run_checks.recorded_path(a.ref_model or a.model),
+        "data": run_checks.recorded_path(a.data),
+        "eval_data": run_checks.recorded_path(a.eval_data),
         "lora": a.lora,
         "group_column": a.group_column,
         "max_length": a.max_length,
@@ -301,66 +323,61 @@ def train_command(a) -> int:
         "run_id": trainer.run_id,
     }
     # (resuming, check_train let through only a record of this run: the run replaces its own records)
-    run_dir.write_run_records(a.output, run, metrics, overwrite=a.overwrite or bool(a.resume))
-    keys = [
-        "eval_loss",
-        "eval_rewards/accuracies",
-        "eval_rewards/accuracies_macro",
-        "eval_rewards/margins",
-        "eval_beta/mean",
-        "eval_beta/cv",
-    ]
-    rows = [{"metric": k, "value": float(metrics[k])} for k in keys if k in metrics]
+    run_dir.write_run_records(a.output, run, metrics, overwrite=a.overwrite or bool(a.resume),
+                              log_history=trainer.state.log_history)
+    keys = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/accuracies_macro", "eval_rewards/margins",
+            "eval_beta/mean", "eval_beta/cv"]
+    rows = [{"metric": k, "value": float(metrics[k]), "unit": run_dir.metric_unit(k)} for k in keys if k in metrics]
     print(markdown_table(rows, floatfmt=".4g", missing="nan"))
     print(f"trained {trainer.state.global_step} steps in {wall:.1f} s; run saved in {a.output}")
     return 0
 
 
 def evaluate_command(a) -> int:
-    """``mixdpo evaluate``: preference accuracy and margins of a policy (or a run) against its reference."""
-    data = _load_data(a.data, "--data", a.group_column, explicit_prompt=True)
+    """``mixdpo evaluate``: preference accuracy and margins of a policy (or a run) against its reference.
+
+    A margin is h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)], in nats (DPO's logit is
+    beta*h): the printed table's ``unit`` column, its header and the ``--json`` file's ``margin_unit`` (for every
+    ``margin_mean*``, per group too) say so. On a run folder the run's reference, group column and max length are
+    the defaults of ``--ref-model``, ``--group-column`` and ``--max-length``.
+    """
     run = run_dir.read_run_record(a.model)
+    data = _load_data(a.data, "--data", a.group_column, explicit_prompt=True)
+    group_column = a.group_column
+    if group_column is None and run.get("group_column"):
+        if run["group_column"] in data.column_names:
+            group_column = run["group_column"]
+        else:
+            print(f"mixdpo evaluate: note: the run's group column {run['group_column']!r} is not a column of --data "
+                  f"{a.data}: no per-group statistics", file=sys.stderr)
     model, tokenizer = load_causal_lm(a.model, adapter_base=run.get("model") if run.get("lora") else None)
     ref_path = a.ref_model or (None if run.get("lora") else run.get("ref_model"))
     ref_model = load_causal_lm(ref_path)[0] if ref_path else None
-    res = evaluate(
-        model,
-        ref_model,
-        data,
-        tokenizer,
-        group_column=a.group_column,
-        batch_size=a.batch_size,
-        max_length=a.max_length or run.get("max_length"),
-    )
-    summary = {
-        k: res[k]
-        for k in (
-            "n_pairs",
-            "n_dropped",
-            "accuracy",
-            "accuracy_macro",
-            "margin_mean",
-            "margin_mean_macro",
-            "n_groups",
-        )
-    }
+    res = evaluate(model, ref_model, data, tokenizer, group_column=group_column, batch_size=a.batch_size,
+                   max_length=a.max_length or run.get("max_length"))
+    keys = ("n_pairs", "n_dropped", "accuracy", "accuracy_macro", "margin_mean", "margin_mean_macro", "n_groups")
     by_group = None if res["by_group"] is None else res["by_group"].reset_index().to_dict("records")
-    print(markdown_table([{"metric": k, "value": v} for k, v in summary.items()], floatfmt=".4f", missing="nan"))
+    unit = run_dir.MARGIN_UNIT
+    print(f"margins h in {unit}: the policy's log-ratio minus the reference's, chosen over rejected (beta*h is DPO's "
+          "logit)")
+    print(markdown_table([{"metric": k, "value": res[k], "unit": run_dir.metric_unit(k)} for k in keys],
+                         floatfmt=".4f", missing="nan"))
     if by_group is not None:
         print()
-        print(markdown_table(by_group, floatfmt=".4f", missing="nan"))
+        print(markdown_table([{f"{k} ({unit})" if k == "margin_mean" else k: v for k, v in row.items()}
+                              for row in by_group], floatfmt=".4f", missing="nan"))
     if a.json:
-        write_json(a.json, summary | {"by_group": by_group}, overwrite=a.overwrite, indent=2)
+        summary = {k: res[k] for k in keys} | {"margin_unit": unit, "by_group": by_group}
+        write_json(a.json, summary, overwrite=a.overwrite, indent=2)
     return 0
 
 
 def report_command(a) -> int:
-    """``mixdpo report``: plots of the learned strength and per-pair strengths, and a metrics table (no TRL)."""
+    """``mixdpo report``: plots of the learned strength and per-pair strengths, and a metrics table (no TRL) whose
+    ``unit`` column says which numbers are nats (losses, margins h) and which beta*h (TRL's ``rewards/*``)."""
     import arviz as az
 
-    info = run_dir.read_strength_config(a.run_dir)
-    if info is None:
-        raise SystemExit(f"{a.run_dir!r} is not a MixDPO run directory (no {run_dir.STRENGTH_CONFIG_NAME}).")
+    info = run_dir.read_strength_config(a.run_dir)  # check_report refused a folder without one
     data = _load_data(a.data, explicit_prompt=True) if a.data else None
     idata = strength_to_arviz(a.run_dir, data)
     out = _report_dir(a)
@@ -369,20 +386,17 @@ def report_command(a) -> int:
     if os.path.isfile(os.path.join(a.run_dir, run_dir.STRENGTH_BY_ANNOTATOR)):
         paths.append(plot_annotator_strength(a.run_dir, out))
         annotators = _annotator_section(a.run_dir)
-    rows = [{"quantity": f"beta/{k}", "value": float(v)} for k, v in info.get("params", {}).items()]
+    rows = [{"quantity": f"beta/{k}", "value": float(v), "unit": ""} for k, v in info.get("params", {}).items()]
     post = idata.posterior["beta"].values.ravel()
     rows += [
-        {"quantity": "beta/mean", "value": float(post.mean())},
-        {"quantity": "beta/std", "value": float(post.std())},
-        {"quantity": "beta/cv", "value": float(info.get("cv", post.std() / post.mean()))},
+        {"quantity": "beta/mean", "value": float(post.mean()), "unit": ""},
+        {"quantity": "beta/std", "value": float(post.std()), "unit": ""},
+        {"quantity": "beta/cv", "value": float(info.get("cv", post.std() / post.mean())), "unit": ""},
     ]
     metrics = run_dir.read_metrics(a.run_dir)
     if metrics is not None:
-        rows += [
-            {"quantity": k, "value": float(v)}
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and ("rewards" in k or k == "eval_loss")
-        ]
+        rows += [{"quantity": k, "value": float(v), "unit": run_dir.metric_unit(k)} for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and ("rewards" in k or k == "eval_loss")]
     table = markdown_table(rows, floatfmt=".4g", missing="nan")
     summary = az.summary(idata, var_names=["beta"], kind="stats")
     text = (
@@ -420,7 +434,7 @@ def demo_command(a) -> int:
     trl_side = _trl_side()
     # A tiny model gains nothing from intra-op threads, and spinning OpenMP threads are slow when the cores are
     # shared with other work.
-    torch.set_num_threads(max(1, a.threads))
+    torch.set_num_threads(a.threads)  # --threads is a positive integer (argparse refuses 0 and negatives)
     if a.model == "smollm2":
         trl_side.demo_smollm2(a.output or os.path.join(os.getcwd(), "mixdpo-smollm2"), a.steps, a.seed)
     else:

@@ -20,7 +20,7 @@ from .panel import STRENGTH_LEVELS, panel_integrator
 from .strength import default_strength_init, parse_strength_init, strength_class
 
 __all__ = ["STRENGTH_LEVELS", "STRENGTH_LR_CAP", "STRENGTH_LR_MULTIPLIER", "STRENGTH_UPDATES", "MixDPOConfig",
-           "check_supported", "to_mixdpo_config"]
+           "check_supported", "checkpointing_default", "default_bf16", "resolve_checkpointing", "to_mixdpo_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,16 @@ class MixDPOConfig(DPOConfig):
             0.19 nats off on 200 annotators x 20 pairs). The end of training writes `strength_by_annotator.csv`.
         annotator_column (`str`, defaults to `"annotator_id"`):
             Column naming each pair's annotator (`strength_level="annotator"`); every pair needs one.
+
+    Two of TRL's defaults assume an accelerator and are decided by the hardware and the model here instead, so that
+    `MixDPOConfig(output_dir=..., strength="lognormal")` trains as written on a machine without a GPU:
+
+    - `bf16` (TRL: True): None means `default_bf16(fp16, use_cpu)`, bf16 autocast only where the accelerator has
+      native bf16 (False on the CPU, where it is emulated: slower and less exact);
+    - `gradient_checkpointing` (TRL: True): None means `checkpointing_default(model, device)`, settled by
+      `MixDPOTrainer` once it has the model: on where the model supports it (`model.supports_gradient_checkpointing`),
+      except on the CPU, where memory is rarely what limits the models trained there and recomputing the activations
+      in the backward pass would only cost time (about 20-30% per step). An explicit True or False is kept.
     """
 
     strength: str = field(default="lognormal", metadata={"help": "point | lognormal | gamma | a registered family"})
@@ -117,6 +127,9 @@ class MixDPOConfig(DPOConfig):
     group_column: str | None = field(default=None, metadata={"help": "subgroup or annotator column"})
     strength_level: str = field(default="pair", metadata={"help": "pair | annotator: what one beta belongs to"})
     annotator_column: str = field(default="annotator_id", metadata={"help": "annotator column (annotator level)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (None: where the accelerator has it)"})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "activation checkpointing (None: where the model supports it, not on CPUs)"})
 
     def __post_init__(self):
         strength_class(self.strength)
@@ -142,6 +155,14 @@ class MixDPOConfig(DPOConfig):
                 f"strength_learnable=True applies to strength='point' (a learned-beta DPO); the "
                 f"{self.strength!r} family's parameters are always learned."
             )
+        if self.bf16 is None:
+            self.bf16 = default_bf16(bool(self.fp16), bool(self.use_cpu))
+        # transformers >= 5 resolves gradient_checkpointing (an alias of activation_checkpointing) to False: the
+        # "decide with the model" of None is kept aside for resolve_checkpointing.
+        self._checkpointing_auto = (self.gradient_checkpointing is None
+                                    and getattr(self, "activation_checkpointing", None) is None)
+        if self.gradient_checkpointing is not None and getattr(self, "activation_checkpointing", False) is None:
+            self.activation_checkpointing = self.gradient_checkpointing  # TRL's name, not a deprecated use
         super().__post_init__()
 
     def _check_strength_level(self) -> None:
@@ -168,6 +189,40 @@ class MixDPOConfig(DPOConfig):
         if self.strength_learning_rate is not None:
             return float(self.strength_learning_rate)
         return min(STRENGTH_LR_MULTIPLIER * self.learning_rate, STRENGTH_LR_CAP)
+
+
+def default_bf16(fp16: bool = False, use_cpu: bool = False) -> bool:
+    """``MixDPOConfig.bf16`` when it is not given: True where the accelerator has native bf16 (CUDA with bf16
+    support, or another accelerator, as TRL assumes), False with ``fp16``, ``use_cpu`` or no accelerator."""
+    import torch
+
+    if fp16 or use_cpu:
+        return False
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: XPU, NPU, MPS, ...
+    return bool(accelerator is not None and accelerator.is_available())
+
+
+def checkpointing_default(model, device_type: str) -> bool:
+    """Whether ``gradient_checkpointing=None`` turns activation checkpointing on for ``model`` trained on a device of
+    type ``device_type`` (``"cpu"``, ``"cuda"``, ...): where the model supports it, except on the CPU (see
+    :class:`MixDPOConfig`). A model given by name (a string) is assumed to support it."""
+    if device_type == "cpu":
+        return False
+    return isinstance(model, str) or bool(getattr(model, "supports_gradient_checkpointing", False))
+
+
+def resolve_checkpointing(args, model) -> None:
+    """Settle a ``MixDPOConfig``'s ``gradient_checkpointing=None`` for ``model`` (:func:`checkpointing_default` on
+    ``args.device``); an explicit value, or a plain ``DPOConfig``'s, is left alone."""
+    if not getattr(args, "_checkpointing_auto", False):
+        return
+    on = checkpointing_default(model, args.device.type)
+    args.gradient_checkpointing = on
+    if hasattr(args, "activation_checkpointing"):  # transformers >= 5 reads this name
+        args.activation_checkpointing = on
+    args._checkpointing_auto = False
 
 
 def to_mixdpo_config(args) -> MixDPOConfig:

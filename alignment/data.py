@@ -49,6 +49,9 @@ _SPLIT_FIRST = (
 )
 #: How a pair longer than ``max_length`` is cut (TRL's ``truncation_mode``): keep its first or its last tokens.
 TRUNCATION_MODES = ("keep_start", "keep_end")
+_CSV = ("{!r} is a CSV file, which is not read as preference pairs: pass JSONL (one JSON object per line with prompt, "
+        "chosen and rejected), a .json list of such objects, or a `datasets` save_to_disk directory; e.g. convert it "
+        "with datasets.load_dataset('csv', data_files=PATH)['train'].to_json('pairs.jsonl')")
 
 
 def load_preference_data(path: str | os.PathLike, split: str = "train"):
@@ -78,6 +81,8 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
                 raise ValueError(f"{path!r} holds the splits {sorted(ds)}, not {split!r}: pick one with `split`.")
             ds = ds[split]
     elif os.path.isfile(path):
+        if path.lower().endswith((".csv", ".tsv")):
+            raise ValueError(_CSV.format(path))
         rows: list[dict[str, Any]] = []
         lines: list[int] = []  # JSONL line number of each row, for error messages
         with io.StringIO(_read_text(path)) as f:
@@ -95,6 +100,8 @@ def load_preference_data(path: str | os.PathLike, split: str = "train"):
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
+                        if lineno == 1 and not line.lstrip().startswith(("{", "[")) and ("," in line or "\t" in line):
+                            raise ValueError(_CSV.format(path)) from None  # a header line: a CSV named otherwise
                         raise ValueError(f"{path!r} line {lineno} is not valid JSON: {e}") from e
                     lines.append(lineno)
         for i, row in enumerate(rows):
@@ -386,24 +393,13 @@ def drop_empty_completions(
         raise ValueError(f"{name}: every one of its {n_before} pairs has an empty chosen or rejected completion after "
                          f"truncation to max_length={max_length}; no pair is left (raise max_length).")
     if n_dropped and log:
-        logger.warning(
-            "Dropped %d of %d pairs of %s whose chosen or rejected completion is empty after "
-            "truncation to max_length=%s.",
-            n_dropped,
-            n_before,
-            name,
-            max_length,
-        )
+        logger.warning("Dropped %d of %d pairs of %s whose chosen or rejected completion is empty after "
+                       "truncation to max_length=%s.", n_dropped, n_before, name, max_length)
     return dataset, n_dropped
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _ids(tokenizer, text_or_messages, add_generation_prompt: bool = False) -> list[int]:

@@ -13,8 +13,16 @@ With ``strength_level="annotator"`` (and ``strength_update="refit"``) the traine
 every training row) and ``strength_by_annotator.csv`` (the per-annotator posterior strengths).
 
 ``mixdpo train`` adds, into ``RUN``: ``metrics.json`` (the final evaluation), ``mixdpo_run.json`` (models, data
-and options of the run) and ``margins.npz`` (the margins of the evaluation pairs after training); ``mixdpo
-report`` writes into ``RUN/report``. JSON files are written atomically (:func:`mixlogit.persistence.write_json`).
+and options of the run, with absolute paths so that the folder works from any working directory),
+``log_history.json`` (the trainer's ``state.log_history``: every logged step and the final evaluation) and
+``margins.npz`` (the margins of the evaluation pairs after training); ``mixdpo report`` writes into
+``RUN/report``. JSON files are written atomically (:func:`mixlogit.persistence.write_json`).
+
+Units. A margin ``h`` is the policy's log-ratio minus the reference's, chosen over rejected: ``h = [log pi(y_w|x)
+- log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)]``, in nats (:data:`MARGIN_UNIT`); ``margins.npz`` and
+``mixdpo evaluate``'s ``margin_mean*`` hold h. TRL's ``rewards/*`` metrics (``rewards/margins``, ...) are beta
+times log-ratios (E[beta] h under MixDPO), DPO's logits (:data:`REWARD_UNIT`). :func:`metric_unit` names the
+unit of a metric in the command line's tables.
 """
 
 from __future__ import annotations
@@ -38,17 +46,21 @@ __all__ = [
     "ADAPTER_FILES",
     "ANNOTATORS_FILE",
     "FORMAT_VERSION",
+    "LOG_HISTORY_FILE",
     "MARGINS_FILE",
     "MARGIN_CACHE_NAME",
+    "MARGIN_UNIT",
     "METRICS_FILE",
     "REPORT_DIR",
     "REPORT_FILE",
+    "REWARD_UNIT",
     "RUN_FILE",
     "RUN_RESULTS",
     "STRENGTH_BY_ANNOTATOR",
     "STRENGTH_CONFIG_NAME",
     "STRENGTH_WEIGHTS_NAME",
     "load_strength",
+    "metric_unit",
     "read_margins",
     "read_metrics",
     "read_run_record",
@@ -81,6 +93,12 @@ MARGINS_FILE = "margins.npz"
 RUN_FILE = "mixdpo_run.json"
 #: Written by ``mixdpo train``: the trainer's final evaluation metrics.
 METRICS_FILE = "metrics.json"
+#: Written by ``mixdpo train``: ``trainer.state.log_history`` (a list of the logged dicts), checkpoints or not.
+LOG_HISTORY_FILE = "log_history.json"
+#: The unit of a margin h (policy log-ratio minus reference log-ratio), and of the losses.
+MARGIN_UNIT = "nats"
+#: The unit of TRL's ``rewards/*`` metrics: beta (E[beta]) times log-ratios, the logits of DPO's sigmoid.
+REWARD_UNIT = "beta*h (logits)"
 #: The report folder inside the run folder (``mixdpo report``'s default ``--out``), and its summary.
 REPORT_DIR = "report"
 REPORT_FILE = "report.md"
@@ -88,7 +106,7 @@ REPORT_FILE = "report.md"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 #: Files of a ``mixdpo train`` run, named first when a new run would replace them.
 RUN_RESULTS = ("metrics.json", "model.safetensors", "adapter_model.safetensors", STRENGTH_WEIGHTS_NAME,
-               STRENGTH_CONFIG_NAME, RUN_FILE, MARGINS_FILE)
+               STRENGTH_CONFIG_NAME, RUN_FILE, MARGINS_FILE, LOG_HISTORY_FILE)
 
 
 # ---------------------------------------------------------------------------------------------- the strength
@@ -265,31 +283,51 @@ def restore_strength(strength: Strength, checkpoint: str, settings: dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------- run records
+def metric_unit(name: str) -> str:
+    """The unit of a metric or a margin summary named ``name`` (``eval_`` prefix or not), for tables: ``"nats"`` for
+    margins h, losses and log-probabilities, :data:`REWARD_UNIT` for TRL's ``rewards/*`` (accuracies excepted),
+    ``""`` for the rest (accuracies, counts, beta)."""
+    base = name.removeprefix("eval_")
+    if base.startswith("rewards/"):
+        return "" if base.startswith("rewards/accuracies") else REWARD_UNIT
+    return MARGIN_UNIT if ("margin" in base or base.startswith("logps/") or base == "loss") else ""
+
+
 def save_margins(folder: str, margins: dict[str, np.ndarray]) -> None:
-    """Write ``margins.npz`` (labels, an object array, as strings: the file loads without pickle)."""
+    """Write ``margins.npz``: the arrays of ``margins`` (``margin``: h in nats; labels, an object array, as strings:
+    the file loads without pickle) and ``margin_unit`` (``"nats"``, a 0-d string)."""
     np.savez(
         os.path.join(folder, MARGINS_FILE),
         **{k: (v.astype(str) if v.dtype == object else v) for k, v in margins.items()},
+        margin_unit=np.array(MARGIN_UNIT),
     )
 
 
 def read_margins(folder: str) -> dict[str, np.ndarray]:
-    """The arrays of a run's ``margins.npz`` (``row``, ``margin``, ...; ``group`` as an object array)."""
+    """The arrays over pairs of a run's ``margins.npz`` (``row``, ``margin`` in nats, ...; ``group`` as an object
+    array); its ``margin_unit`` is checked and left out."""
     path = os.path.join(folder, MARGINS_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder!r} has no {MARGINS_FILE}; pass the dataset to compute margins on.")
     with np.load(path, allow_pickle=False) as z:
         out = {k: z[k] for k in z.files}
+    unit = str(out.pop("margin_unit", MARGIN_UNIT))  # files written before the unit was recorded hold nats too
+    if unit != MARGIN_UNIT:
+        raise ValueError(f"{path} holds margins in {unit!r}; this version reads margins in {MARGIN_UNIT}")
     if "group" in out:
         out["group"] = out["group"].astype(object)
     return out
 
 
-def write_run_records(folder: str, run: dict[str, Any], metrics: dict[str, float], overwrite: bool = False) -> None:
-    """Write ``mixdpo_run.json`` (how the run was made) and ``metrics.json`` (its final evaluation)."""
+def write_run_records(folder: str, run: dict[str, Any], metrics: dict[str, float], overwrite: bool = False,
+                      log_history: list[dict[str, Any]] | None = None) -> None:
+    """Write ``mixdpo_run.json`` (how the run was made), ``metrics.json`` (its final evaluation) and, given a
+    ``log_history`` (the trainer's ``state.log_history``), ``log_history.json``; each atomically."""
     check_bool("overwrite", overwrite)
     write_json(os.path.join(folder, RUN_FILE), run, overwrite=overwrite, indent=2)
     write_json(os.path.join(folder, METRICS_FILE), metrics, overwrite=overwrite, indent=2)
+    if log_history is not None:
+        write_json(os.path.join(folder, LOG_HISTORY_FILE), list(log_history), overwrite=overwrite, indent=2)
 
 
 def read_run_record(folder: str, required: bool = False) -> dict[str, Any]:

@@ -22,6 +22,9 @@ What changes relative to ``trl.DPOTrainer`` (trl >= 1.16, < 2):
   margin cache: :mod:`alignment.annotators`), and ``strength_by_annotator.csv`` in the output folder;
 - logs ``beta/mean``, ``beta/std``, ``beta/cv`` and ``beta/<family parameter>`` next to TRL's metrics, and
   with a ``group_column`` also ``rewards/accuracies_macro`` (preference accuracy averaged over groups).
+- warns (RuntimeWarning) when training ends with E[beta] more than 10x from its start or a CV above 10, naming
+  ``strength_fix_mean=True`` (:func:`alignment.run_checks.strength_drift_warning`);
+- ``gradient_checkpointing=None`` (MixDPOConfig's default) follows the model's support, off on the CPU.
 
 TRL computes its losses inline in ``DPOTrainer._compute_loss`` (there is no narrower hook between the four
 log-probability tensors and the loss), so that method is overridden here: the policy and reference log-probs
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import ClassVar
 
 import torch
@@ -55,10 +59,11 @@ from .batching import (
     model_inputs,
     without_extras,
 )
-from .config import MixDPOConfig, check_supported, to_mixdpo_config
+from .config import MixDPOConfig, check_supported, resolve_checkpointing, to_mixdpo_config
 from .data import drop_empty_completions, validate_preference_dataset
 from .losses import mixdpo_loss
 from .margins import MarginCache, PairMarginsMixin, StrengthRefit
+from .run_checks import strength_drift_warning
 from .run_dir import restore_strength, save_strength, strength_from_settings, strength_settings
 
 __all__ = ["MixDPOTrainer"]
@@ -97,6 +102,7 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
                 )
             args = to_mixdpo_config(args)
         check_supported(args)
+        resolve_checkpointing(args, model)  # MixDPOConfig's gradient_checkpointing=None: decided by the model
         if train_dataset is None:
             raise ValueError("`train_dataset` is required")
         validate_preference_dataset(train_dataset, args.group_column, "train_dataset")
@@ -111,6 +117,7 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
                                                 args.strength_nodes, args.strength_fix_mean, args.objective,
                                                 args.strength_learnable)
         self._strength = strength_from_settings(self._strength_meta)
+        self._start_mean = float(self._strength.mean().detach())  # for the guard at the end of training
         #: With ``strength_level="annotator"``: the annotator index and the panel loss (alignment.annotators).
         self.panel = AnnotatorPanel.from_args(args, train_dataset, self._named_eval_datasets(eval_dataset))
         #: Written into every checkpoint's record; a run resumed from a checkpoint takes its id.
@@ -395,12 +402,14 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
             checkpoints.remove_staging(self.args.output_dir)
         if ckpt is not None and (finished := self._finished_checkpoint(ckpt)) is not None:
             return finished
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint or None,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+        out = super().train(resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
+                            ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        with torch.no_grad():  # the guard: warn when E[beta] ran 10x from its start or the CV past 10
+            drift = strength_drift_warning(self._start_mean, float(self._strength.mean()), float(self._strength.cv()),
+                                           self._strength_meta["fix_mean"], type(self._strength).supports_fix_mean)
+        if drift:
+            warnings.warn(drift, RuntimeWarning, stacklevel=2)
+        return out
 
     def _finished_checkpoint(self, checkpoint: str):
         """Finish a run from a checkpoint written at its last step, without training (None if steps remain).
