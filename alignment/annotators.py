@@ -204,16 +204,21 @@ class AnnotatorPanel:
             ``(losses, chosen_rewards, rejected_rewards)``, each (B,); rewards are ``E[beta] * log-ratio``.
         """
         h, chosen, rejected = _margin(tensors)
-        ids = annotator_ids.detach().long().cpu()
+        losses = self.pair_losses(strength, cache, h, annotator_ids, train)
+        with torch.no_grad():
+            mean_beta = strength.mean().to(device=h.device, dtype=h.dtype)
+        return losses, mean_beta * chosen.detach(), mean_beta * rejected.detach()
+
+    def pair_losses(self, strength: Strength, cache, margins: torch.Tensor, annotator_ids, train: bool):
+        """Per-pair losses (B,) of margins ``h`` (B,) by annotator ``ids`` (B,; -1: the population's weights):
+        the EM loss (``train``) or the posterior predictive ``-log P(chosen preferred)``."""
+        ids = torch.as_tensor(annotator_ids).detach().long().cpu()
         present = torch.unique(ids[ids >= 0])  # sorted: the batch's annotators
         log_q = self.log_weights(strength, cache, present)
         _, log_w = rule_points(strength, torch.float64, log_q.device)
         table = torch.cat([log_q, log_w.detach().unsqueeze(0)])  # last row: the population
         rows = torch.where(ids < 0, present.numel(), torch.searchsorted(present, ids.clamp_min(0)))
-        losses = panel_pair_loss(strength, h, table[rows], predictive=not train)
-        with torch.no_grad():
-            mean_beta = strength.mean().to(device=h.device, dtype=h.dtype)
-        return losses, mean_beta * chosen.detach(), mean_beta * rejected.detach()
+        return panel_pair_loss(strength, margins, table[rows], predictive=not train)
 
     def table(self, strength: Strength, cache, level: float = 0.9):
         """The per-annotator posterior strengths as a pandas DataFrame (the columns of ``strength_by_annotator.csv``)."""

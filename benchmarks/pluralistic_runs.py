@@ -243,14 +243,31 @@ def _preferred_probability(trainer, strength, h: np.ndarray, split, name: str) -
     panel = getattr(trainer, "panel", None)
     if panel is None:
         return torch.exp(strength.log_prob_preferred(hh)).numpy()
-    from alignment.panel import panel_pair_loss, rule_points
+    ids = panel.index.ids(split[panel.index.column], name)
+    return torch.exp(-panel.pair_losses(strength, trainer.margin_cache, hh, ids, train=False)).numpy()
 
-    ids = torch.as_tensor(panel.index.ids(split[panel.index.column], name))
-    log_q = panel.log_weights(strength, trainer.margin_cache)
-    _, log_w = rule_points(strength, torch.float64)
-    table = torch.cat([log_q, log_w.unsqueeze(0)])  # last row: the population
-    rows = torch.where(ids < 0, log_q.shape[0], ids)
-    return torch.exp(-panel_pair_loss(strength, hh, table[rows], predictive=True)).numpy()
+
+def split_metrics(trainer, strength, margins_of, task) -> dict[str, Any]:
+    """NLL of the validation and test labels, and the test split's accuracy and calibration metrics.
+
+    ``margins_of(split)`` gives the policy's margins h (nats, (n,)) of a split's pairs in row order.
+    """
+    row: dict[str, Any] = {}
+    for name, split in (("val", task.validation), ("test", task.test)):
+        h = margins_of(split)
+        p = _preferred_probability(trainer, strength, h, split, name)
+        probs = metrics.pair_probability_metrics(p, np.ones(len(h)), np.asarray(split["p_true"]))
+        row[f"{name}_nll"] = probs["nll"]
+        if name == "test":
+            acc = metrics.oracle_accuracy(h, np.asarray(split["oracle_margin"]), np.asarray(split["group"]))
+            row.update(acc=acc["accuracy"], acc_macro=acc["accuracy_macro"], acc_worst=acc["worst_accuracy"],
+                       kl_true=probs["kl_true"], ece=probs["ece"], brier=probs["brier"],
+                       margin_mean=float(np.mean(h)))
+            minority = np.asarray(split["minority"])
+            if minority.any():
+                row["acc_minority"] = float(np.mean(np.sign(h[minority]) == np.sign(
+                    np.asarray(split["oracle_margin"])[minority])))
+    return row
 
 
 def _annotator_spearman(panel, strength, cache, task) -> float:
@@ -274,20 +291,7 @@ def evaluate_run(ctx: SeedContext, task, method: Method, beta: float) -> dict[st
     row: dict[str, Any] = {"method": method.label, "beta": beta, "train_s": train_s,
                            "s_per_step": train_s / ctx.scale.steps}
     panel = getattr(trainer, "panel", None)
-    for name, split in (("val", task.validation), ("test", task.test)):
-        h = ctx.margins(policy, split)
-        p = _preferred_probability(trainer, strength, h, split, name)
-        probs = metrics.pair_probability_metrics(p, np.ones(len(h)), np.asarray(split["p_true"]))
-        row[f"{name}_nll"] = probs["nll"]
-        if name == "test":
-            acc = metrics.oracle_accuracy(h, np.asarray(split["oracle_margin"]), np.asarray(split["group"]))
-            row.update(acc=acc["accuracy"], acc_macro=acc["accuracy_macro"], acc_worst=acc["worst_accuracy"],
-                       kl_true=probs["kl_true"], ece=probs["ece"], brier=probs["brier"],
-                       margin_mean=float(np.mean(h)))
-            minority = np.asarray(split["minority"])
-            if minority.any():
-                row["acc_minority"] = float(np.mean(np.sign(h[minority]) == np.sign(
-                    np.asarray(split["oracle_margin"])[minority])))
+    row.update(split_metrics(trainer, strength, lambda split: ctx.margins(policy, split), task))
     row.update(beta_mean=float(strength.mean().detach()), cv=float(strength.cv().detach()),
                sd_log=sd_log_strength(strength), phi_change=_phi_change(trainer, ctx.scale.steps))
     cache = getattr(trainer, "margin_cache", None)

@@ -56,17 +56,6 @@ def _done(path: str) -> set[tuple[float, str]]:
         return {(float(r["level"]), r["method"]) for r in csv.DictReader(f)}
 
 
-def _append(path: str, row: dict) -> None:
-    new = not os.path.isfile(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _margins(trainer, split):
     """h (nats) of every pair of ``split`` in row order (policy log-ratio minus the adapter-free reference's)."""
     import numpy as np
@@ -80,12 +69,10 @@ def _margins(trainer, split):
 
 
 def run_one(model, tokenizer, task, label, kind, beta, overrides, a) -> dict:
-    import numpy as np
     from peft import LoraConfig
-    from pluralistic_runs import REFIT, _annotator_spearman, _preferred_probability
+    from pluralistic_runs import REFIT, _annotator_spearman, split_metrics
     from transformers.trainer_callback import PrinterCallback
 
-    from alignment import metrics
     from alignment.config import MixDPOConfig
     from alignment.strength import make_strength
     from alignment.strength_fit import sd_log_strength
@@ -113,15 +100,7 @@ def run_one(model, tokenizer, task, label, kind, beta, overrides, a) -> dict:
             strength = make_strength("point", init={"beta": beta})
         row = {"level": task.level, "method": label, "beta": beta, "steps": trainer.state.global_step,
                "train_s": train_s, "s_per_step": train_s / max(1, trainer.state.global_step)}
-        for name, split in (("val", task.validation), ("test", task.test)):
-            h = _margins(trainer, split)
-            p = _preferred_probability(trainer, strength, h, split, name)
-            probs = metrics.pair_probability_metrics(p, np.ones(len(h)), np.asarray(split["p_true"]))
-            row[f"{name}_nll"] = probs["nll"]
-            if name == "test":
-                acc = metrics.oracle_accuracy(h, np.asarray(split["oracle_margin"]), np.asarray(split["group"]))
-                row.update(acc=acc["accuracy"], acc_macro=acc["accuracy_macro"], acc_worst=acc["worst_accuracy"],
-                           kl_true=probs["kl_true"], ece=probs["ece"])
+        row.update(split_metrics(trainer, strength, lambda split: _margins(trainer, split), task))
         row.update(beta_mean=float(strength.mean().detach()), sd_log=sd_log_strength(strength))
         if getattr(trainer, "panel", None) is not None:
             row["annotator_spearman"] = _annotator_spearman(trainer.panel, strength, trainer.margin_cache, task)
@@ -153,6 +132,7 @@ def main(argv=None) -> int:
 
     import pandas as pd
     import torch
+    from bench_pluralistic import _append
     from datasets.utils.logging import disable_progress_bar
 
     from alignment import synthetic
@@ -177,7 +157,7 @@ def main(argv=None) -> int:
                 continue
             print(f"level {level}: {label} (beta {beta}) ...", flush=True)
             row = run_one(copy.deepcopy(base), tokenizer, task, label, kind, beta, over, a)
-            _append(path, row)
+            _append(path, row, COLUMNS)
             print(f"  acc {row['acc']:.4f}, test NLL {row['test_nll']:.4f}, {row['s_per_step']:.2f} s/step, "
                   f"evaluation {row['eval_s']:.0f} s", flush=True)
     runs = pd.read_csv(path)
