@@ -39,7 +39,7 @@ from .margins import StrengthRefit
 from .panel import annotator_log_weights, annotator_posterior, dense_strength, panel_pair_loss, rule_points
 from .run_dir import ANNOTATORS_FILE, STRENGTH_BY_ANNOTATOR
 from .strength_base import Strength
-from .strength_fit import fit_strength, strength_vector
+from .strength_fit import strength_vector
 
 __all__ = ["ANNOTATORS_FILE", "STRENGTH_BY_ANNOTATOR", "AnnotatorIndex", "AnnotatorPanel", "PanelRefit"]
 
@@ -247,16 +247,14 @@ class PanelRefit(StrengthRefit):
     """:class:`~alignment.margins.StrengthRefit` with the panel objective (each cached margin with its annotator),
     which also writes the index and ``strength_by_annotator.csv`` into ``output_dir`` when training ends."""
 
-    def refit(self, step: int, margins: torch.Tensor) -> None:
+    def refit(self, step: int, margins: torch.Tensor, full: bool = True) -> None:
         # ``margins`` (the cache's seen margins) carry no annotators; the panel reads the cache itself.
-        panel, strength = self.trainer.panel, self.trainer.strength
+        panel = self.trainer.panel
         h, ids = panel.cached(self.trainer.margin_cache)
         if h.numel() == 0:
             return
-        device = next(iter(strength.parameters())).device
-        self.last_fit = fit_strength(strength, h.to(device), "marginal", annotator=ids.to(device),
-                                     n_annotators=panel.index.n_annotators)
-        self.history.append((int(step), strength_vector(strength)))
+        self.last_fit = self._fit(h, full, annotator=ids, n_annotators=panel.index.n_annotators)
+        self.history.append((int(step), strength_vector(self.trainer.strength)))
 
     def on_train_end(self, args, state, control, **kwargs):
         super().on_train_end(args, state, control, **kwargs)

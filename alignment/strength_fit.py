@@ -35,7 +35,7 @@ from .losses import check_objective
 from .panel import check_annotator_ids, panel_loglik
 from .strength import PointStrength, Strength
 
-__all__ = ["SPREAD_PARAMETERS", "fit_strength", "profile_spread", "sd_log_strength", "strength_vector"]
+__all__ = ["SPREAD_PARAMETERS", "fit_strength", "newton_step", "profile_spread", "sd_log_strength", "strength_vector"]
 
 #: Per family: the unconstrained parameter that sets the spread, whether the spread grows with it, and the range
 #: searched: sd of log beta from about 1e-3 (indistinguishable from a point mass) to about 4.
@@ -126,6 +126,67 @@ def _coordinates(strength: Strength, names: list[str]) -> np.ndarray:
     return a
 
 
+
+def _coordinate_bounds(strength: Strength, names: list[str], a: np.ndarray) -> list[tuple[float, float]]:
+    """Box bounds of the optimizer's coordinates: a parameter's own range where the coordinate is that parameter."""
+    bounds = []
+    for k in range(len(names)):
+        own = np.count_nonzero(a[:, k]) == 1
+        bounds.append(_bounds(strength, names[k]) if own else (-_PARAM_LIMIT, _PARAM_LIMIT))
+    return bounds
+
+
+def newton_step(strength: Strength, margins, objective: str = "marginal", annotator=None,
+                n_annotators: int | None = None, halvings: int = 4) -> dict[str, Any]:
+    """One safeguarded Newton step of the objective in the strength's trainable parameters, in place.
+
+    The cheap M-step of a generalized EM (Dempster, Laird and Rubin 1977): a step need only raise the objective,
+    not maximize it, for the iteration to keep climbing. A training run's refits start from the previous refit's
+    phi on margins of which a few percent have changed, where the objective is close to quadratic, so one Newton
+    step lands within the optimizer's tolerance of the maximum at the cost of one gradient and Hessian (1-3
+    parameters: 1-3 extra backward passes) and one value, where L-BFGS-B spends 8-25 values on the same move.
+
+    The step is ``-H^{-1} g`` in the coordinates of :func:`fit_strength`, clipped to its bounds, halved up to
+    ``halvings`` times until the objective rises; when the Hessian is not negative definite, or no halving
+    rises, phi is left as it was (``accepted`` False: the caller's next full fit takes over).
+
+    Args: as :func:`fit_strength` (margins (n,), nats). Returns: dict ``loglik`` (nats, summed over pairs),
+    ``accepted``, ``params`` (:func:`strength_vector`).
+    """
+    check_objective(objective)
+    _check_deterministic(strength)
+    h = _margins(margins)
+    panel = _panel(h, objective, annotator, n_annotators)
+    named = [(n, p) for n, p in strength.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    a = _coordinates(strength, names)
+    value = _objective(strength, h, objective, panel)
+    if not params or not torch.isfinite(value):
+        return {"loglik": float(value.detach()), "accepted": False, "params": strength_vector(strength)}
+    grads = torch.autograd.grad(value, params, create_graph=True)
+    hess = np.array([[float(x) for x in torch.autograd.grad(g, params, retain_graph=True)] for g in grads])
+    g = a.T @ np.array([float(x.detach()) for x in grads])  # chain rule through params = a v
+    hess_v = a.T @ hess @ a
+    start, ll0 = np.array([float(p.detach()) for p in params]), float(value.detach())
+    if not np.all(np.isfinite(hess_v)) or np.any(np.linalg.eigvalsh(0.5 * (hess_v + hess_v.T)) >= 0):
+        return {"loglik": ll0, "accepted": False, "params": strength_vector(strength)}
+    v0 = np.linalg.solve(a, start)
+    lo, hi = np.array(_coordinate_bounds(strength, names, a)).T
+    step = -np.linalg.solve(hess_v, g)
+    for _ in range(halvings + 1):
+        with torch.no_grad():
+            for p, x in zip(params, a @ np.clip(v0 + step, lo, hi), strict=True):
+                p.fill_(float(x))
+            ll = float(_objective(strength, h, objective, panel))
+        if math.isfinite(ll) and ll >= ll0:
+            return {"loglik": ll, "accepted": True, "params": strength_vector(strength)}
+        step = step / 2
+    with torch.no_grad():
+        for p, x in zip(params, start, strict=True):
+            p.fill_(float(x))
+    return {"loglik": ll0, "accepted": False, "params": strength_vector(strength)}
+
+
 def fit_strength(strength: Strength, margins, objective: str = "marginal", max_iter: int = 200,
                  exclude: tuple[str, ...] = (), annotator=None, n_annotators: int | None = None) -> dict[str, Any]:
     """Maximize the objective over the strength's trainable parameters with the margins fixed, in place.
@@ -183,11 +244,7 @@ def fit_strength(strength: Strength, margins, objective: str = "marginal", max_i
         return float(loss.detach()), a.T @ g
 
     v0 = a_inv @ np.array([float(p.detach()) for p in params])
-    bounds = []
-    for k in range(len(names)):
-        row = a[k] if np.count_nonzero(a[:, k]) == 1 else None
-        name = names[k] if row is not None else None
-        bounds.append(_bounds(strength, name) if name else (-_PARAM_LIMIT, _PARAM_LIMIT))
+    bounds = _coordinate_bounds(strength, names, a)
     v0 = np.clip(v0, [b[0] for b in bounds], [b[1] for b in bounds])
     res = optimize.minimize(value_and_grad, v0, jac=True, method="L-BFGS-B", bounds=bounds,
                             options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-8})

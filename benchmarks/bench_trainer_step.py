@@ -11,9 +11,9 @@ With ``--panel`` every trainer trains on the training split of the pluralistic b
 annotator-level MixDPO is added (``strength_level="annotator"``, ``strength_update="refit"``, LogNormal on its
 128-node panel rule, ``fix_mean``). Its step is timed as the others' (training_step + optimizer + scheduler) plus
 its refit callback's ``on_step_end`` (the refit of phi on every cached margin, every ``strength_refit_steps``
-steps: the part of its cost outside ``training_step``). Its margin cache is filled by one no-grad pass before the
-clock starts, the steady state after the first epoch (every step then computes the annotators' weights from all
-2,000 cached margins). The median of per-round ratios leaves the refit steps out (1 in 10), so the table also gives
+steps: the part of its cost outside ``training_step``). Its margin cache is filled by one no-grad pass and phi
+fitted before the clock starts, the steady state after the first epoch (every step then computes the annotators'
+weights from all 2,000 cached margins, and each timed refit is one Newton step, as in a run after its first). The median of per-round ratios leaves the refit steps out (1 in 10), so the table also gives
 the ratio of mean step times, which spreads them over all steps.
 
 Usage: python benchmarks/bench_trainer_step.py [--steps 60] [--batch-size 16] [--threads 1] [--panel]
@@ -89,7 +89,11 @@ def main(argv=None) -> int:
             tr.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which we bypass
             refit = getattr(tr, "strength_refit", None)
             if refit is not None:
-                refit.refresh()  # every pair cached: the steady state after the first epoch
+                # The steady state after the first epoch: every pair cached, phi fitted, the run past its first
+                # (full) refit, so the timed refits are those of the rest of a run (one Newton step each).
+                refit.refresh()
+                refit.refit(0, tr.margin_cache.seen(), full=True)
+                tr.state.global_step = a.refit_steps
             trainers.append((label, tr))
         # Same batches for everyone (the data order is seeded identically; take them from the DPO trainer). The
         # panel's batches also carry its row and annotator ids, so it takes them from its own loader: the same
