@@ -84,6 +84,8 @@ class StrengthRefit(TrainerCallback):
         self.trainer, self.every, self.refresh_every = trainer, int(every), refresh_every
         self.history: list[tuple[int, dict[str, float]]] = []
         self.last_fit: dict[str, Any] | None = None
+        #: Optimizer step of the last refresh (a refresh at the last step makes the end-of-training one redundant).
+        self.refreshed_at: int | None = None
 
     def _fit(self, margins: torch.Tensor, full: bool, **panel) -> dict[str, Any]:
         """Full fit or one Newton step of the trainer's strength on ``margins`` (on its device), in place."""
@@ -110,13 +112,15 @@ class StrengthRefit(TrainerCallback):
         refresh = bool(self.refresh_every) and state.global_step % self.refresh_every == 0
         if refresh:
             self.refresh()
+            self.refreshed_at = state.global_step
         if refresh or state.global_step % self.every == 0:
             # Full fits depend on the step alone, so a resumed run refits as an uninterrupted one does.
             full = refresh or state.global_step <= self.every
             self.refit(state.global_step, self.trainer.margin_cache.seen(), full=full)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.refresh()
+        if self.refreshed_at != state.global_step:  # else the cache already holds the final policy's margins
+            self.refresh()
         self.refit(state.global_step, self.trainer.margin_cache.seen())
 
 

@@ -164,8 +164,9 @@ def test_config_refuses_bad_refit_settings(tmp_path):
         MixDPOConfig(output_dir=str(tmp_path), strength="gamma", strength_learnable=True, bf16=False, use_cpu=True)
 
 
-def test_refresh_steps_refit_on_the_current_policys_margins(tmp_path, tiny):
-    tr = _trainer(tmp_path, tiny, strength="gamma", strength_fix_mean=True, strength_refresh_steps=3)
+@pytest.mark.parametrize("every, refreshes, refits", [(3, [3, 6], [2, 3, 4, 6, 6]), (4, [4, 6], [2, 4, 6, 6])])
+def test_refresh_steps_refit_on_the_current_policys_margins(tmp_path, tiny, every, refreshes, refits):
+    tr = _trainer(tmp_path, tiny, strength="gamma", strength_fix_mean=True, strength_refresh_steps=every)
     seen = []
     original = tr.strength_refit.refresh
 
@@ -175,8 +176,9 @@ def test_refresh_steps_refit_on_the_current_policys_margins(tmp_path, tiny):
 
     tr.strength_refit.refresh = spy
     tr.train()
-    assert seen == [3, 6, 6]  # every 3 steps, and once when training ends
-    assert [step for step, _ in tr.strength_refit.history] == [2, 3, 4, 6, 6]
+    # Every `every` steps, and when training ends unless the last step refreshed (no optimizer step since).
+    assert seen == refreshes
+    assert [step for step, _ in tr.strength_refit.history] == refits
     assert not torch.isnan(tr.margin_cache.margins).any()  # a refresh fills every pair, visited or not
 
 
