@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nodes", type=positive_int, help="quadrature nodes or draws (default: the integrator's)")
     t.add_argument("--strength-lr", type=non_negative_float,
                    help="strength learning rate (default: min(1000 * --lr, 1e-2))")
-    t.add_argument("--fix-mean", action="store_true", help="pin E[beta] to --beta, learn only the spread")
+    t.add_argument("--fix-mean", action=argparse.BooleanOptionalAction, default=True,
+                   help="pin E[beta] to --beta and learn only the spread (the default, as the pluralistic benchmark "
+                   "supports); --no-fix-mean learns the mean too")
     t.add_argument("--objective", default="marginal", help="marginal | expected")
     t.add_argument("--group-column", help="subgroup or annotator column (macro accuracy; default: none)")
     t.add_argument("--strength-level", choices=STRENGTH_LEVELS, default="pair",

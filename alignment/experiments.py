@@ -113,7 +113,8 @@ def make_trainer(base_model, tokenizer, train_dataset, trainer_kwargs: dict[str,
     }
     if not overrides or overrides == {"strength": "point"}:
         return DPOTrainer(args=DPOConfig(**trainer_kwargs), **common)
-    return MixDPOTrainer(args=MixDPOConfig(**trainer_kwargs, **overrides), **common)
+    # The labels say which methods pin the mean ("-fixmean"); the others learn it (the library pins by default).
+    return MixDPOTrainer(args=MixDPOConfig(**trainer_kwargs, **{"strength_fix_mean": False, **overrides}), **common)
 
 
 def smollm2_setup(output_dir: str, steps: int, learning_rate: float = 1e-4, seed: int = 0, **overrides):

@@ -78,8 +78,8 @@ def strength_drift_warning(start_mean: float, mean: float, cv: float, fix_mean: 
         return (f"MixDPO: the learned strength ran away: {facts}; {fix}: lower the strength's learning rate "
                 "(strength_learning_rate, mixdpo train --strength-lr) or train for fewer steps.")
     return (f"MixDPO: the learned strength ran away: {facts}. With the mean free the likelihood can rise by sharpening "
-            "beta instead of moving the policy; pin the mean with strength_fix_mean=True (mixdpo train --fix-mean), "
-            "or lower the strength's learning rate (strength_learning_rate, --strength-lr).")
+            "beta instead of moving the policy; keep the mean pinned (strength_fix_mean=True, the default; drop "
+            "--no-fix-mean), or lower the strength's learning rate (strength_learning_rate, --strength-lr).")
 
 
 def check_report_to(value: str, flag: str = "--report-to") -> str | list[str]:

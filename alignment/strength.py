@@ -152,7 +152,15 @@ def default_strength_init(
         )
     for key, value in init.items():
         check_finite(f"strength_init[{key!r}]", value)
-    return cls.default_init(beta, init, fix_mean)
+    completed = cls.default_init(beta, init, fix_mean and cls.supports_fix_mean)
+    dropped = sorted(set(init) - set(completed))
+    if dropped:  # a location the pinned mean replaces would otherwise be dropped without a word
+        raise ValueError(
+            f"strength_init sets {dropped}, which a pinned mean (strength_fix_mean=True, the default) derives from "
+            f"beta = {beta}; pass strength_fix_mean=False (mixdpo train --no-fix-mean) to start the {family!r} "
+            f"family's mean from these values and learn it."
+        )
+    return completed
 
 
 def build_strength(

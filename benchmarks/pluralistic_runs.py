@@ -234,7 +234,8 @@ def _train(ctx: SeedContext, task, method: Method, beta: float, workdir: str):
     if method.trainer == "trl":
         trainer = DPOTrainer(args=DPOConfig(**kw, **method.overrides), **common)
     else:
-        trainer = MixDPOTrainer(args=MixDPOConfig(**kw, **method.overrides), **common)
+        # A method names its mean pinned (strength_fix_mean=True); the others learn it (the library pins by default).
+        trainer = MixDPOTrainer(args=MixDPOConfig(**kw, **{"strength_fix_mean": False, **method.overrides}), **common)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)

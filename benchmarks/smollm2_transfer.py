@@ -89,7 +89,7 @@ def run_one(model, tokenizer, task, label, kind, beta, overrides, a) -> dict:
         common = {"model": model, "train_dataset": task.train, "processing_class": tokenizer, "peft_config": lora}
         refit = {} if overrides.get("strength") == "point" else {
             **REFIT, "strength_refresh_steps": max(1, a.steps // 5)}
-        trainer = MixDPOTrainer(args=MixDPOConfig(**kw, **refit, **overrides), **common)
+        trainer = MixDPOTrainer(args=MixDPOConfig(**kw, **refit, **{"strength_fix_mean": False, **overrides}), **common)
         trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         trainer.train()

@@ -281,3 +281,18 @@ def test_empty_model_folder_names_what_is_missing(tmp_path, capsys):
     assert main(["train", "--model", str(empty), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
     err_text = capsys.readouterr().err
     assert "config.json" in err_text and "tokenizer files" in err_text and "sentencepiece" not in err_text.lower()
+
+
+def test_the_mean_is_pinned_by_default_and_a_location_init_says_how_to_free_it(tmp_path):
+    from alignment.config import MixDPOConfig
+    from alignment.strength import default_strength_init
+
+    cfg = MixDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    assert cfg.strength_fix_mean is True
+    assert default_strength_init("lognormal", 0.3, {"sigma": 0.7}, True) == {"sigma": 0.7}  # the mean comes from beta
+    assert default_strength_init("lognormal", 0.3, {"sigma": 0.7}, False) == pytest.approx(
+        {"mu": math.log(0.3) - 0.7**2 / 2, "sigma": 0.7})
+    with pytest.raises(ValueError, match=r"strength_init sets \['mu'\], which a pinned mean .* strength_fix_mean=False"):
+        default_strength_init("lognormal", 0.1, {"mu": 0.0}, True)
+    assert default_strength_init("lognormal", 0.1, {"mu": 0.0}, False)["mu"] == 0.0
+    assert default_strength_init("point", 0.1, None, True) == {"beta": 0.1}  # nothing to pin: no error

@@ -329,7 +329,7 @@ def test_strength_drift_warning_numbers():
     assert run_checks.strength_drift_warning(0.1, 0.011, 9.9) is None
     moved = run_checks.strength_drift_warning(0.1, 1.5, 0.5)
     assert "E[beta] went from 0.1 to 1.5 (15x its start) and its CV is 0.5" in moved
-    assert "strength_fix_mean=True (mixdpo train --fix-mean)" in moved
+    assert "keep the mean pinned (strength_fix_mean=True, the default; drop --no-fix-mean)" in moved
     assert "E[beta] went from 0.1 to 0.005 (0.05x its start)" in run_checks.strength_drift_warning(0.1, 0.005, 0.5)
     wide = run_checks.strength_drift_warning(0.1, 0.1, 12.0, fix_mean=True)
     assert "its CV is 12" in wide and "the mean is pinned" in wide and "--strength-lr" in wide
@@ -346,8 +346,8 @@ def test_trainer_warns_when_the_strength_runs_away(task, tmp_path):
             with torch.no_grad():
                 trainer.strength.mu += math.log(20.0)
 
-    cfg = MixDPOConfig(output_dir=str(tmp_path / "out"), strength="lognormal", max_steps=1, use_cpu=True,
-                       report_to="none", save_strategy="no", per_device_train_batch_size=8)
+    cfg = MixDPOConfig(output_dir=str(tmp_path / "out"), strength="lognormal", strength_fix_mean=False, max_steps=1,
+                       use_cpu=True, report_to="none", save_strategy="no", per_device_train_batch_size=8)
     trainer = MixDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=cfg, train_dataset=ds,
                             processing_class=tok, callbacks=[Inflate()])
     with pytest.warns(RuntimeWarning, match=r"ran away: E\[beta\] went from 0\.1 to ") as record:
@@ -355,7 +355,7 @@ def test_trainer_warns_when_the_strength_runs_away(task, tmp_path):
     (message,) = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
     mean = float(trainer.strength.mean().detach())
     assert f"to {mean:.4g} ({mean / 0.1:.3g}x its start)" in message and 19 < mean / 0.1 < 21
-    assert "pin the mean with strength_fix_mean=True (mixdpo train --fix-mean)" in message
+    assert "keep the mean pinned (strength_fix_mean=True, the default" in message
 
 
 def test_precompute_ref_uses_the_given_ref_model(root):

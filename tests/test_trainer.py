@@ -110,7 +110,7 @@ def test_point_strength_matches_trl_dpotrainer(task, tmp_path):
 
 
 def test_strength_is_learned_with_its_own_lr_and_logged(task, tmp_path):
-    trainer = _mix(task, tmp_path, strength="lognormal", strength_learning_rate=0.05)
+    trainer = _mix(task, tmp_path, strength="lognormal", strength_learning_rate=0.05, strength_fix_mean=False)
     s0 = {k: v.detach().clone() for k, v in trainer.strength.state_dict().items()}
     assert trainer.strength.family_params()["mu"] == pytest.approx(math.log(0.1) - 0.125)
     assert float(trainer.strength.mean().detach()) == pytest.approx(0.1)
@@ -160,6 +160,7 @@ def test_checkpoint_resume_restores_strength(task, tmp_path):
 
     common = {
         "strength": "lognormal",
+        "strength_fix_mean": False,
         "strength_learning_rate": 0.05,
         "save_strategy": "steps",
         "save_steps": 2,
@@ -202,7 +203,7 @@ def test_checkpoint_resume_restores_strength(task, tmp_path):
         ValueError, match="its strength family is 'lognormal' but this run has strength='gamma'"
     ):
         other.train(resume_from_checkpoint=str(ckpt))
-    pinned = _mix(task, tmp_path, max_steps=4, strength_fix_mean=True, **common)
+    pinned = _mix(task, tmp_path, max_steps=4, **{**common, "strength_fix_mean": True})
     with pytest.raises(ValueError, match="strength_fix_mean=False but this run has strength_fix_mean=True"):
         pinned.train(resume_from_checkpoint=str(ckpt))
     with pytest.raises(ValueError, match="has no strength.json"):
@@ -548,7 +549,7 @@ def test_cli_evaluate_batch_size_zero(capsys):
         ),
         (["--strength-init", "sigma=1"], "--strength-init must be a JSON object of the family's initial parameters"),
         (
-            ["--strength-init", '{"mu": 100}'],
+            ["--strength-init", '{"mu": 100}', "--no-fix-mean"],
             (
                 r"--strength-init '{\"mu\": 100}': the lognormal strength \(mu=100, sigma=0.5\) has "
                 r"E\[beta\] = 3.046e\+43, which is not finite in torch.float32"
