@@ -24,6 +24,12 @@ from mixlogit.tables import markdown_table
 ARM_ORDER = ("strength", "direction", "clickers")
 #: Metrics compared with the best-beta DPO of the same seed (paired), and the sign that counts as better.
 PAIRED = {"acc": 1, "acc_macro": 1, "acc_worst": 1, "test_nll": -1, "kl_true": -1, "ece": -1, "win_gain": 1}
+#: The stationarity target: the largest change of an unconstrained strength parameter over the last 20% of steps.
+PHI_TOL = 0.02
+#: A run whose likelihood-ratio test of a zero spread has p >= this has a spread the data do not identify: its
+#: log-spread sits on a flat likelihood near the boundary and may wander without that being a convergence failure,
+#: so it is counted apart instead of against the stationarity target.
+SPREAD_ALPHA = 0.05
 
 
 def load(out: str) -> pd.DataFrame:
@@ -84,7 +90,13 @@ def summary_rows(runs: pd.DataFrame, best: pd.DataFrame) -> pd.DataFrame:
                 inside = (m["sd_log_low"] <= m["realized_sd_log"]) & (m["realized_sd_log"] <= m["sd_log_high"])
                 row.update(sd_log_low=float(m["sd_log_low"].mean()), sd_log_high=float(m["sd_log_high"].mean()),
                            spread_covered=float(inside.mean()), lr_pvalue=float(m["lr_pvalue"].median()))
-            row["phi_change_max"] = float(m["phi_change"].max())
+            unidentified = m["lr_pvalue"] >= SPREAD_ALPHA if "lr_pvalue" in m else pd.Series(False, m.index)
+            identified = m.loc[~unidentified, "phi_change"]
+            row["spread_unidentified"] = int(unidentified.sum())
+            row["phi_stationary"] = int((identified < PHI_TOL).sum())
+            row["phi_identified"] = int(identified.notna().sum())
+            row["phi_change_max"] = float(identified.max()) if len(identified) else np.nan
+            row["phi_change_median"] = float(identified.median()) if len(identified) else np.nan
             common = m.index.intersection(dpo.index)
             for col, sign in PAIRED.items():
                 mean, lo, hi = interval(m.loc[common, col] - dpo.loc[common, col]) if method != "DPO" else (
@@ -103,6 +115,13 @@ def _fmt_diff(r, col, digits=3) -> str:
     return f"{r[f'd_{col}']:+.{digits}f} [{r[f'd_{col}_lo']:+.{digits}f}, {r[f'd_{col}_hi']:+.{digits}f}]"
 
 
+def _stationary(r) -> str:
+    """Runs whose strength parameters moved less than PHI_TOL over the last 20% of steps, of the runs whose spread
+    is identified; the runs with an unidentified spread (LR test p >= SPREAD_ALPHA) are counted apart."""
+    text = f"{r['phi_stationary']}/{r['phi_identified']}"
+    return text + (f" ({r['spread_unidentified']} n.i.)" if r["spread_unidentified"] else "")
+
+
 def markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
     parts = []
     tasks = runs[runs["method"] == "reference"].groupby(["arm", "level"]).agg(
@@ -114,6 +133,11 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
                  "expected and realized per split; the realized sd of the annotators' log-strength; the untrained "
                  "policy's own oracle accuracy.\n")
     parts.append(markdown_table(tasks.to_dict("records"), floatfmt=".3f"))
+    parts.append("\nThe stationarity columns: 'd phi < .02' counts the chosen runs whose unconstrained strength "
+                 "parameters moved less than 0.02 over the last 20% of steps (a full refit at 80% of the steps "
+                 "against the end), among those whose spread is identified; 'n.i.' counts runs whose likelihood-"
+                 "ratio test of a zero spread has p >= 0.05, where the log-spread sits on a flat likelihood and its "
+                 "movement is not a convergence failure. 'max d phi' is the largest change among identified runs.\n")
     order = sorted(dict.fromkeys(summary["arm"]), key=lambda a: (ARM_ORDER.index(a) if a in ARM_ORDER else 99, a))
     for arm in order:
         s = summary[summary["arm"] == arm]
@@ -127,7 +151,8 @@ def markdown(summary: pd.DataFrame, runs: pd.DataFrame) -> str:
                 "KL(true)": r["kl_true"], "ECE": r["ece"], "sd log beta [95%]": spread,
                 "realized sd": r["realized_sd_log"], "KL(pi|ref)": r["kl_ref"], "win": r["win"],
                 "d acc vs DPO [95%]": _fmt_diff(r, "acc"), "d NLL vs DPO": _fmt_diff(r, "test_nll", 4),
-                "d win @KL": _fmt_diff(r, "win_gain"), "max d phi (last 20%)": r["phi_change_max"],
+                "d win @KL": _fmt_diff(r, "win_gain"), "d phi < .02": _stationary(r),
+                "max d phi": r["phi_change_max"],
                 "annotator Spearman": r.get("annotator_spearman", np.nan), "s/step": r["s_per_step"],
             })
         parts.append(f"\n### Arm: {arm}\n")
@@ -175,7 +200,7 @@ def plots(summary: pd.DataFrame, best: pd.DataFrame, runs: pd.DataFrame, out: st
         axes[i, 0].legend(fontsize=7, ncol=2)
     fig.suptitle("Paired difference from the best-beta DPO of the same seed (each method at its beta chosen on "
                  "validation NLL); bars: 95% t-intervals over seeds", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle above the first row
     first = os.path.join(out, "accuracy_nll.png")
     fig.savefig(first, dpi=110)
     plt.close(fig)
@@ -191,8 +216,10 @@ def plots(summary: pd.DataFrame, best: pd.DataFrame, runs: pd.DataFrame, out: st
         for b, r in dpo.iterrows():
             ax.annotate(f"{b:g}", (r["kl_ref"], r["win"]), fontsize=7, xytext=(3, -9), textcoords="offset points")
         chosen = best[(best["arm"] == arm) & (best["level"] == level) & (best["method"] != "DPO")]
-        for method, m in chosen.groupby("method", sort=False):
-            ax.plot(m["kl_ref"].mean(), m["win"].mean(), "o", ms=6, label=method)
+        # More methods than a colour cycle has colours: colour and marker together keep every method distinct.
+        for k, (method, m) in enumerate(chosen.groupby("method", sort=True)):
+            ax.plot(m["kl_ref"].mean(), m["win"].mean(), "os^Dv"[k // 10], color=plt.get_cmap("tab10")(k % 10),
+                    ms=6, label=method)
         ax.set_xscale("log")
         # Minor log ticks get labels like "2x10^-1" that overlap on a short range: plain numbers, major ticks only.
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
