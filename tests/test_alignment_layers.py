@@ -104,7 +104,7 @@ assert main(["report", {str(run)!r}]) == 0
     out = _run(code, tmp_path)
     assert out.returncode == 0, out.stderr
     assert "strength family: gamma" in out.stdout and "beta/shape" in out.stdout
-    for name in ("report.md", "strength_density.png", "pair_strengths.png", "strength_by_group.png"):
+    for name in ("report.md", "strength_density.png", "strength_by_group.png"):  # no log history: no steps plot
         assert (run / "report" / name).is_file(), name
     info = json.loads((run / "strength.json").read_text())
     # The strength.json layout MixDPOTrainer writes ("learnable" joined it with the learned-beta DPO).

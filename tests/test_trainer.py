@@ -24,6 +24,7 @@ from alignment import synthetic
 from alignment.config import MixDPOConfig
 from alignment.diagnostics import plot_strength, strength_to_arviz
 from alignment.evaluate import evaluate
+from alignment.run_dir import load_strength
 from alignment.trainer import MixDPOTrainer
 
 disable_progress_bar()
@@ -271,7 +272,7 @@ def test_group_column_survives_and_macro_accuracy(task, tmp_path):
     paths = plot_strength(idata, str(tmp_path / "plots"))
     assert [os.path.basename(p) for p in paths] == [
         "strength_density.png",
-        "pair_strengths.png",
+        "strength_steps.png",
         "strength_by_group.png",
     ]
     assert all(os.path.getsize(p) > 1000 for p in paths)
@@ -451,13 +452,16 @@ def test_cli_train_evaluate_report(task, tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     text = capsys.readouterr().out
     assert "strength family: gamma" in text and "beta/shape" in text
-    for name in ("strength_density.png", "pair_strengths.png", "strength_by_group.png", "report.md"):
+    fitted, _ = load_strength(str(run))  # exact moments of the fitted distribution, not moments of draws
+    exact = re.search(r"fitted mean of beta \(exact\) +\| +(\S+) ", text)
+    assert exact and float(exact.group(1)) == pytest.approx(float(fitted.mean()), rel=1e-3) and "posterior" not in text
+    for name in ("strength_density.png", "strength_steps.png", "strength_by_group.png", "report.md"):
         assert (run / "report" / name).is_file(), name
     # A second report does not replace the first unless asked to.
     (run / "report" / "report.md").write_text("my notes")
     assert main(["report", str(run)]) == 2
     assert (
-        f"--out {run / 'report'} already holds report.md, strength_density.png, pair_strengths.png, "
+        f"--out {run / 'report'} already holds report.md, strength_density.png, strength_steps.png, "
         "strength_by_group.png; pass --overwrite" in capsys.readouterr().err
     )
     assert (run / "report" / "report.md").read_text() == "my notes"
