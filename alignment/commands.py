@@ -295,17 +295,21 @@ def train_command(a) -> int:
     )
     steps = run_checks.planned_optimizer_steps(len(trainer.train_dataset), a.batch_size, a.grad_accum, a.epochs,
                                                a.max_steps, cfg.world_size)
-    if note := run_checks.few_steps_warning(steps):
+    main_rank = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 prints and writes run files
+    if main_rank and (note := run_checks.few_steps_warning(steps)):
         print(f"mixdpo train: warning: {note}", file=sys.stderr)
     t0 = time.perf_counter()
     trainer.train(resume_from_checkpoint=a.resume or None)
     wall = time.perf_counter() - t0
     metrics = trainer.evaluate()
-    if a.overwrite and not a.lora:
+    if main_rank and a.overwrite and not a.lora:
         run_dir.remove_stale_adapter(a.output)
-    trainer.save_model(a.output)
+    trainer.save_model(a.output)  # every rank calls it (a collective under FSDP/ZeRO); it writes on rank 0
+    margins = trainer.pair_margins(test)
+    if not main_rank:
+        return 0
     tokenizer.save_pretrained(a.output)
-    run_dir.save_margins(a.output, trainer.pair_margins(test))
+    run_dir.save_margins(a.output, margins)
     run = {  # absolute paths: the run folder works from any working directory
         "model": run_checks.recorded_path(a.model),
         "ref_model": run_checks.recorded_path(a.ref_model or a.model),
