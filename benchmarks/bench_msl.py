@@ -1,24 +1,34 @@
 """MSL speed and accuracy against xlogit, side by side in one process.
 
 Fits spec E1 (six normal coefficients, panel by id) on Train's electricity data with xlogit and with mixlogit
-at 500, 1000 and 2000 Halton draws, and prints wall times, their ratio (xlogit / mixlogit) and both
-log-likelihoods. mixlogit uses ``draw_type="halton-plain"``, the same draws as xlogit (unscrambled Halton,
-first 100 dropped), so the log-likelihoods must agree to optimizer precision and the ratio compares the
-estimators alone; the last column is mixlogit's default scrambled Halton at the same count, whose LL differs by
-simulation noise (a different, equally valid set of draws). Each tool's time covers the whole fit including its standard errors (xlogit: BFGS with a
-BHHH-based covariance; mixlogit: BFGS, then the exact Hessian and robust sandwich). With ``--memory`` it also
-measures mixlogit's peak memory (max RSS of a separate process) at 10,000 draws.
+at 500, 1000, 2000 and 10,000 Halton draws, and prints wall times and both log-likelihoods. mixlogit uses
+``draw_type="halton-plain"``, the same draws as xlogit (unscrambled Halton, first 100 dropped), so the
+log-likelihoods must agree to optimizer precision and the ratio (xlogit / mixlogit with library defaults)
+compares the estimators alone. mixlogit runs twice: with the library defaults (its chunks spread over a thread
+per core) and on one thread (``torch.set_num_threads(1)``). Each tool's time covers the whole fit including its
+standard errors (xlogit: BFGS with a BHHH-based covariance; mixlogit: BFGS, then the exact Hessian and robust
+sandwich).
 
-    python benchmarks/bench_msl.py [--draws 500 1000 2000] [--memory] [--repeats 1]
+``--busy`` keeps one core spinning in a child process while both tools fit (a shared machine under load).
+``--scrambled`` adds mixlogit's default scrambled Halton at the same count (its LL differs by simulation noise).
+``--memory`` measures mixlogit's peak memory (max RSS of a separate process) at 10,000 draws. ``--profile N``
+only splits one mixlogit fit at N draws on one thread into value+gradient, Hessian, scores, log-likelihood
+and everything else (``--autograd`` takes the kernel's gradient by autograd, the path before the closed form).
+
+    python benchmarks/bench_msl.py [--draws 500 1000 2000 10000] [--busy] [--repeats 1] [--memory]
+    python benchmarks/bench_msl.py --profile 1000 [--autograd] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -37,11 +47,88 @@ def fit_xlogit(df, draws):
     return time.perf_counter() - t, float(m.loglikelihood), bool(m.convergence)
 
 
-def fit_mixlogit(df, draws, draw_type="halton-plain"):
+def fit_mixlogit(df, draws, draw_type="halton-plain", threads=None):
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     t = time.perf_counter()
     data = ml.ChoiceData.from_long(df, choice="choice", alt="alt", situation="chid", panel="id")
     res = ml.MixedLogit(random={c: "normal" for c in COLS}).fit(data, draws=draws, draw_type=draw_type)
-    return time.perf_counter() - t, res.loglik, res.converged
+    seconds = time.perf_counter() - t
+    torch.set_num_threads(before)
+    return seconds, res.loglik, res.converged
+
+
+def _spin():
+    while True:
+        pass
+
+
+@contextmanager
+def busy_core(enabled: bool):
+    """A child process spinning one core for the duration (nothing when not ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    child = multiprocessing.Process(target=_spin, daemon=True)
+    child.start()
+    try:
+        yield
+    finally:
+        child.terminate()
+        child.join()
+
+
+def profile_fit(df, draws: int, repeats: int, autograd: bool):
+    """Median seconds of one fit on one thread, split by MSLProblem method."""
+    import torch
+
+    from mixlogit import msl
+
+    torch.set_num_threads(1)
+    names = ["value_and_grad", "hessian", "scores", "loglik"]
+    spent = dict.fromkeys(names, 0.0)
+    calls = dict.fromkeys(names, 0)
+    originals = {n: getattr(msl.MSLProblem, n) for n in names}
+    post_init = msl.MSLProblem.__post_init__
+
+    def timed(name):
+        def method(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return originals[name](self, *a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+                calls[name] += 1
+        return method
+
+    def old_path(self):
+        post_init(self)
+        self.closed_form_grad = False
+
+    for n in names:
+        setattr(msl.MSLProblem, n, timed(n))
+    if autograd:
+        msl.MSLProblem.__post_init__ = old_path
+    rows = []
+    try:
+        for _ in range(repeats):
+            for n in names:
+                spent[n], calls[n] = 0.0, 0
+            total, ll, _ = fit_mixlogit(df, draws)
+            rows.append([total, *(spent[n] for n in names), total - sum(spent.values()), ll])
+            print(f"  total {total:.2f} s, " + ", ".join(f"{n} {spent[n]:.2f} s ({calls[n]})" for n in names)
+                  + f", other {rows[-1][-2]:.2f} s, LL {ll:.8f}", flush=True)
+    finally:
+        for n in names:
+            setattr(msl.MSLProblem, n, originals[n])
+        msl.MSLProblem.__post_init__ = post_init
+    med = [statistics.median(c) for c in zip(*rows)]
+    print(f"median of {repeats} ({'autograd' if autograd else 'closed-form'} kernel gradient, one thread, {draws} "
+          f"draws): total {med[0]:.2f} s, value+grad {med[1]:.2f}, hessian {med[2]:.2f}, scores {med[3]:.2f}, "
+          f"loglik {med[4]:.2f}, other {med[5]:.2f}")
 
 
 def peak_memory_gib(draws: int) -> tuple[float, float, float]:
@@ -59,32 +146,42 @@ def peak_memory_gib(draws: int) -> tuple[float, float, float]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--draws", type=int, nargs="+", default=[500, 1000, 2000])
+    ap.add_argument("--draws", type=int, nargs="+", default=[500, 1000, 2000, 10_000])
+    ap.add_argument("--busy", action="store_true", help="keep one core spinning in a child process meanwhile")
     ap.add_argument("--memory", action="store_true", help="also measure peak memory at 10,000 draws")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: on 2 shared cores "
-                    "two threads collapse under any other load)")
-    ap.add_argument("--no-scrambled", action="store_true", help="skip the extra fit with scrambled Halton draws")
+    ap.add_argument("--scrambled", action="store_true", help="add a fit with mixlogit's default scrambled Halton")
+    ap.add_argument("--profile", type=int, metavar="DRAWS", help="only split one mixlogit fit's time by part")
+    ap.add_argument("--autograd", action="store_true", help="with --profile: the kernel's gradient by autograd")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
     df = ml.datasets.load_electricity()
+    if args.profile:
+        with busy_core(args.busy):
+            profile_fit(df, args.profile, args.repeats, args.autograd)
+        return
     rows = []
-    for draws in args.draws:
-        tx, tm = [], []
-        for _ in range(args.repeats):  # interleaved, so both see the same machine state
-            t, llx, cx = fit_xlogit(df, draws)
-            tx.append(t)
-            t, llm, cm = fit_mixlogit(df, draws)
-            tm.append(t)
-        lls = float("nan") if args.no_scrambled else fit_mixlogit(df, draws, "halton")[1]
-        rows.append((draws, np.median(tx), np.median(tm), llx, llm, cx, cm, lls))
-    print(f"{'draws':>6} {'xlogit s':>9} {'mixlogit s':>10} {'ratio':>6} {'LL xlogit':>11} {'LL mixlogit':>11} "
-          f"{'|dLL|':>6} converged  LL scrambled")
-    for draws, tx, tm, llx, llm, cx, cm, lls in rows:
-        print(f"{draws:>6} {tx:>9.2f} {tm:>10.2f} {tx / tm:>6.2f} {llx:>11.3f} {llm:>11.3f} {abs(llx - llm):>6.2f} "
-              f"{cx}/{cm}  {lls:>11.3f}")
+    with busy_core(args.busy):
+        for draws in args.draws:
+            tx, td, t1 = [], [], []
+            for _ in range(args.repeats):  # interleaved, so all three see the same machine state
+                t, llx, cx = fit_xlogit(df, draws)
+                tx.append(t)
+                t, llm, cm = fit_mixlogit(df, draws)
+                td.append(t)
+                t, ll1, _ = fit_mixlogit(df, draws, threads=1)
+                t1.append(t)
+            lls = fit_mixlogit(df, draws, "halton")[1] if args.scrambled else float("nan")
+            rows.append((draws, np.median(tx), np.median(td), np.median(t1), llx, llm, ll1, cx, cm, lls))
+            print(f"  done {draws} draws", file=sys.stderr, flush=True)
+    print(f"{'busy core' if args.busy else 'idle'}; medians of {args.repeats}; ratio = xlogit s / mixlogit s "
+          "(defaults), ratio 1t = xlogit s / mixlogit s on one torch thread (the issue's target: >= 5)")
+    print(f"{'draws':>6} {'xlogit s':>9} {'mixlogit s':>10} {'1 thread s':>10} {'ratio':>6} {'ratio 1t':>8} "
+          f"{'LL xlogit':>11} {'LL mixlogit':>11} {'|dLL|':>9} converged" + ("  LL scrambled" if args.scrambled else ""))
+    for draws, tx, td, t1, llx, llm, ll1, cx, cm, lls in rows:
+        if llm != ll1:  # every thread count sums the same chunks in the same order
+            print(f"  warning: the one-thread fit's LL differs by {abs(llm - ll1):.3g}")
+        print(f"{draws:>6} {tx:>9.2f} {td:>10.2f} {t1:>10.2f} {tx / td:>6.2f} {tx / t1:>8.2f} {llx:>11.3f} "
+              f"{llm:>11.3f} {abs(llx - llm):>9.2e} {cx}/{cm}" + (f"  {lls:>11.3f}" if args.scrambled else ""))
     if args.memory:
         gib, ll, seconds = peak_memory_gib(10_000)
         print(f"mixlogit at 10,000 draws: peak RSS {gib:.2f} GiB, LL {ll:.3f}, {seconds:.1f} s")

@@ -2,14 +2,22 @@
 
 The log-likelihood is ``sum_n w_n log sum_r w_r prod_t L_nt(beta_nr)`` (see :mod:`mixlogit.kernel`).
 Units are independent given theta, so the work is split into chunks of units: memory stays bounded at any
-number of draws, and the gradient, the per-unit scores and the Hessian are sums over chunks, each computed
-exactly by autograd in float64.
+number of draws, and the gradient, the per-unit scores and the Hessian are sums over chunks, each exact in
+float64 (the kernel's gradient in closed form, the Hessian by autograd).
+
+Chunks run on a small pool of threads, each running torch single-threaded (torch releases the GIL inside its
+operations). Unlike torch's own intra-op threads, which wait for each other at every operation and slow to a
+crawl when another process takes one of the cores, a busy thread only takes fewer chunks. The chunking does not
+depend on the number of threads and chunk results are summed in chunk order, so every thread count gives
+bit-identical results.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +29,36 @@ from .data import Design
 from .draws import IntegrationRule
 from .information import scaled_information
 from .kernel import conditional_loglik, log_mixed_prob
+from .kernel_grad import mixed_loglik_hessian
 from .spec import Spec
+
+#: Most threads the chunks are spread over; the units are cut into at least twice as many chunks.
+MAX_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Threads for the chunks: the cores this process may run on, at most torch's thread setting and
+    :data:`MAX_WORKERS` (so ``torch.set_num_threads(1)`` means one thread)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores, torch.get_num_threads()))
+
+
+def map_chunks(fn, items, workers: int) -> list:
+    """``[fn(item) for item in items]``, on ``workers`` threads with torch single-threaded inside when
+    ``workers > 1``; torch's thread setting is restored afterwards. Results keep the order of ``items``."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -33,11 +70,19 @@ class MSLProblem:
     rule: IntegrationRule
     #: Elements of the largest per-chunk tensor (units x situations x alternatives x draws).
     chunk_elements: int = MSL_CHUNK_ELEMENTS
+    #: Threads for the chunks; None: :func:`default_workers` at each call. 1 runs them in the calling thread.
+    workers: int | None = None
+    #: The kernel's gradient in closed form (False: autograd through the kernel's operations, the old path).
+    closed_form_grad: bool = True
+    #: The Hessian from per-draw closed forms (:mod:`mixlogit.kernel_grad`); False: nested autograd.
+    closed_form_hessian: bool = True
 
     def __post_init__(self):
         d = self.design
         per_unit = d.x_rand_diff.shape[1] * max(1, d.x_rand_diff.shape[2]) * self.rule.n_points
         size = chunk_size(per_unit, budget=self.chunk_elements)
+        if self.rule.n_points > 1:  # enough chunks to keep every thread busy (a plain logit is too cheap to split)
+            size = min(size, max(1, -(-d.n_units // (2 * MAX_WORKERS))))
         self.chunks = [slice(i, min(i + size, d.n_units)) for i in range(0, d.n_units, size)]
         self._needs_avail = d.has_unavailable
         self._needs_mask = not bool(d.situation_mask.all())  # balanced panels have no padded situations
@@ -45,32 +90,46 @@ class MSLProblem:
         self._x_all_diff = d.x_diff if self.spec.scale else None
 
     # ------------------------------------------------------------------ values
-    def unit_loglik(self, theta: torch.Tensor, index: slice, rule: IntegrationRule | None = None) -> torch.Tensor:
+    def _workers(self) -> int:
+        return default_workers() if self.workers is None else max(1, int(self.workers))
+
+    def unit_loglik(self, theta: torch.Tensor, index: slice, rule: IntegrationRule | None = None, *,
+                    closed_form_grad: bool | None = None) -> torch.Tensor:
         """log P_n for the units in ``index``. theta: (P,) or (len(index), P). Returns (len(index),)."""
         rule = rule or self.rule
-        return log_mixed_prob(self.unit_cond_loglik(theta, index, rule), rule.log_weights)
+        cond = self.unit_cond_loglik(theta, index, rule, closed_form_grad=closed_form_grad)
+        return log_mixed_prob(cond, rule.log_weights)
 
-    def unit_cond_loglik(self, theta: torch.Tensor, index: slice, rule: IntegrationRule | None = None):
+    def unit_cond_loglik(self, theta: torch.Tensor, index: slice, rule: IntegrationRule | None = None, *,
+                         closed_form_grad: bool | None = None):
         """sum_t log L_nt(beta_nr) for the units in ``index``: (len(index), R)."""
         rule = rule or self.rule
+        cf = self.closed_form_grad if closed_form_grad is None else closed_form_grad
+        cf = cf and rule.n_points > 1  # one point (no draws, plain logit): no graph worth replacing
         d = self.design
         avail = d.avail_diff[index] if self._needs_avail else None
         mask = d.situation_mask[index] if self._needs_mask else None
         if self.spec.scale:
             beta = self.spec.scaled_coefficients(theta, rule.for_units(index))  # (n, R, Kr + Kf)
-            return conditional_loglik(self._x_all_diff[index], beta, avail=avail, situation_mask=mask)
+            return conditional_loglik(self._x_all_diff[index], beta, avail=avail, situation_mask=mask,
+                                      closed_form_grad=cf)
         beta = self.spec.coefficients(theta, rule.for_units(index))
         fixed = None
         if self.spec.n_fixed:
             bf = self.spec.fixed_coefficients(theta)
             xf = d.x_fixed_diff[index]
             fixed = xf @ bf if bf.dim() == 1 else torch.einsum("ntak,nk->nta", xf, bf)
-        return conditional_loglik(d.x_rand_diff[index], beta, fixed_diff=fixed, avail=avail, situation_mask=mask)
+        return conditional_loglik(d.x_rand_diff[index], beta, fixed_diff=fixed, avail=avail, situation_mask=mask,
+                                  closed_form_grad=cf)
 
     def loglik(self, theta: np.ndarray | torch.Tensor, rule: IntegrationRule | None = None) -> float:
         th = torch.as_tensor(theta, dtype=torch.float64)
-        with torch.no_grad():
-            return float(sum((self.design.weights[c] * self.unit_loglik(th, c, rule)).sum() for c in self.chunks))
+
+        def one(c):
+            with torch.no_grad():
+                return float((self.design.weights[c] * self.unit_loglik(th, c, rule)).sum())
+
+        return float(sum(map_chunks(one, self.chunks, self._workers())))
 
     def null_loglik(self) -> float:
         """Log-likelihood of equal shares among the available alternatives (all coefficients zero)."""
@@ -80,44 +139,75 @@ class MSLProblem:
 
     def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Weighted log-likelihood and its exact gradient. theta: (P,) numpy."""
-        th = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
-        total = 0.0
-        for c in self.chunks:
+        th0 = torch.tensor(theta, dtype=torch.float64)
+
+        def one(c):
+            th = th0.clone().requires_grad_(True)
             ll = (self.design.weights[c] * self.unit_loglik(th, c)).sum()
-            ll.backward()
-            total += float(ll.detach())
-        return total, th.grad.numpy().copy()
+            (grad,) = torch.autograd.grad(ll, th)
+            return float(ll.detach()), grad
+
+        total, grad = 0.0, torch.zeros_like(th0)
+        for value, g in map_chunks(one, self.chunks, self._workers()):  # in chunk order: deterministic
+            total += value
+            grad += g
+        return total, grad.numpy()
 
     def scores(self, theta: np.ndarray) -> np.ndarray:
         """Per-unit scores d log P_n / d theta (unweighted): (N, P).
 
         Each unit gets its own copy of theta, so one backward pass yields every unit's gradient.
         """
-        out = []
-        for c in self.chunks:
+
+        def one(c):
             n = c.stop - c.start
             th = torch.tensor(theta, dtype=torch.float64).expand(n, -1).clone().requires_grad_(True)
-            self.unit_loglik(th, c).sum().backward()
-            out.append(th.grad.numpy().copy())
-        return np.concatenate(out, axis=0)
+            (grad,) = torch.autograd.grad(self.unit_loglik(th, c).sum(), th)
+            return grad.numpy()
+
+        return np.concatenate(map_chunks(one, self.chunks, self._workers()), axis=0)
 
     def hessian(self, theta: np.ndarray) -> np.ndarray:
-        """Exact Hessian of the weighted log-likelihood by autograd (float64): (P, P)."""
+        """Exact Hessian of the weighted log-likelihood (float64): (P, P).
+
+        In closed form from per-draw quantities (:func:`mixlogit.kernel_grad.mixed_loglik_hessian`) for models
+        with draws; by nested autograd otherwise, or with ``closed_form_hessian=False``.
+        """
         th0 = torch.tensor(theta, dtype=torch.float64)
         p = th0.numel()
-        hess = np.zeros((p, p))
-        # Hessian chunks carry P tangents at once; shrink them so memory stays as for the gradient.
-        small = max(1, (self.chunks[0].stop - self.chunks[0].start) // max(1, p // 2))
-        for c0 in self.chunks:
-            for s in range(c0.start, c0.stop, small):
-                c = slice(s, min(s + small, c0.stop))
+        if self.closed_form_hessian and self.spec.n_draw_dims:
+            pieces, one = self.chunks, self._hessian_closed_form(th0)
+        else:
+            # Hessian chunks carry P tangents at once; shrink them so memory stays as for the gradient.
+            small = max(1, (self.chunks[0].stop - self.chunks[0].start) // max(1, p // 2))
+            pieces = [slice(s, min(s + small, c0.stop)) for c0 in self.chunks
+                      for s in range(c0.start, c0.stop, small)]
+
+            def one(c):
                 w = self.design.weights[c]
 
-                def f(th, c=c, w=w):
-                    return (w * self.unit_loglik(th, c)).sum()
+                def f(th):  # plain autograd through the kernel: vmap over P tangents of a second derivative
+                    return (w * self.unit_loglik(th, c, closed_form_grad=False)).sum()
 
-                hess += torch.autograd.functional.hessian(f, th0, vectorize=True).numpy()
+                return torch.autograd.functional.hessian(f, th0, vectorize=True).numpy()
+
+        hess = np.zeros((p, p))
+        for h in map_chunks(one, pieces, self._workers()):
+            hess += h
         return 0.5 * (hess + hess.T)
+
+    def _hessian_closed_form(self, th0: torch.Tensor):
+        d, spec = self.design, self.spec
+        if self._x_all_diff is None:
+            self._x_all_diff = d.x_diff  # every column, for coefficients that include the fixed ones
+
+        def one(c):
+            return mixed_loglik_hessian(
+                spec.scaled_coefficients, th0, self.rule.for_units(c), self._x_all_diff[c], d.weights[c],
+                self.rule.log_weights, avail=d.avail_diff[c] if self._needs_avail else None,
+                situation_mask=d.situation_mask[c] if self._needs_mask else None).numpy()
+
+        return one
 
 
 @dataclass

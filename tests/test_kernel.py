@@ -87,3 +87,48 @@ def test_choice_probabilities_sum_to_one_and_posterior_weights():
     torch.testing.assert_close(w.sum(-1), torch.ones(3, dtype=torch.float64))
     expected = np.exp(ll.numpy()) / np.exp(ll.numpy()).sum(-1, keepdims=True)  # equal weights cancel
     np.testing.assert_allclose(w.numpy(), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("n_alts", [1, 3])
+def test_closed_form_gradient_equals_autograd_to_second_order(shared, n_alts):
+    rng = np.random.default_rng(3)
+    n, t, k, r = 4, 3, 2, 5
+    x = torch.tensor(rng.normal(size=(n, t, n_alts, k)), requires_grad=True)
+    beta = torch.tensor(rng.normal(size=(1 if shared else n, r, k)), requires_grad=True)
+    fixed = torch.tensor(rng.normal(size=(n, t, n_alts)), requires_grad=True)
+    avail = torch.tensor(rng.random((n, t, n_alts)) > 0.3)
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[0, 2] = mask[3, 1:] = False
+    with torch.no_grad():
+        x[1, 0] = 400.0  # a huge utility: the shifted (overflow-safe) path
+    ins = (x, beta, fixed)
+
+    def f(closed):
+        return lambda *a: conditional_loglik(a[0], a[1], fixed_diff=a[2], avail=avail, situation_mask=mask,
+                                             closed_form_grad=closed)
+
+    torch.testing.assert_close(f(True)(*ins), f(False)(*ins), rtol=0, atol=0)  # the very same values
+    g = torch.tensor(rng.normal(size=(n, r)))
+    fast = torch.autograd.grad((f(True)(*ins) * g).sum(), ins)
+    slow = torch.autograd.grad((f(False)(*ins) * g).sum(), ins)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(f(True), ins)
+    assert torch.autograd.gradgradcheck(f(True), ins)  # double backward recomputes the plain path
+    scale = torch.tensor([0.7, -0.3], dtype=torch.float64)
+
+    def of_scale(closed):
+        return lambda s: (f(closed)(x.detach(), beta.detach() * s, fixed.detach()) * g).sum()
+
+    torch.testing.assert_close(torch.autograd.functional.hessian(of_scale(True), scale, vectorize=True),
+                               torch.autograd.functional.hessian(of_scale(False), scale), rtol=1e-12, atol=1e-12)
+
+
+def test_closed_form_gradient_is_only_taken_when_recording():
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    beta = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    assert conditional_loglik(x, beta).grad_fn.name().endswith("_LogitKernelBackward")
+    assert conditional_loglik(x, beta, closed_form_grad=False).grad_fn.name() == "SumBackward1"
+    with torch.no_grad():
+        assert conditional_loglik(x, beta).grad_fn is None
