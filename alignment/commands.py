@@ -26,7 +26,7 @@ from .annotator_diagnostics import (
     read_annotator_table,
 )
 from .data import load_preference_data, validate_preference_dataset
-from .diagnostics import PLOT_FILES, exact_distribution, plot_strength, strength_to_arviz
+from .diagnostics import PLOT_FILES, plot_strength, strength_to_arviz
 from .evaluate import evaluate
 from .losses import OBJECTIVES
 from .models import load_causal_lm
@@ -391,7 +391,7 @@ def report_command(a) -> int:
         annotators = _annotator_section(a.run_dir)
     # Exact moments and quantiles of the fitted distribution (the family's formulas), never sampled ones.
     strength, _ = run_dir.load_strength(a.run_dir)
-    dist = exact_distribution(strength)
+    dist = strength.exact_distribution()
     rows = [{"quantity": f"fitted beta/{k}", "value": float(v), "unit": ""} for k, v in info.get("params", {}).items()]
     rows += [{"quantity": f"fitted {k} of beta (exact)", "value": float(f().detach()), "unit": ""}
              for k, f in (("mean", strength.mean), ("sd", strength.std), ("CV", strength.cv))]

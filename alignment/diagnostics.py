@@ -41,12 +41,11 @@ from .run_dir import (
     read_margins,
     read_run_record,
     strength_from_settings,
-    strength_settings,
 )
 from .strength import make_strength
 from .strength_base import Strength
 
-__all__ = ["LOG_AXIS_CV", "PLOT_FILES", "annotator_strength_to_arviz", "density_figure", "exact_distribution",
+__all__ = ["LOG_AXIS_CV", "PLOT_FILES", "annotator_strength_to_arviz", "density_figure",
            "group_figure", "plot_annotator_strength", "plot_strength", "run_margins", "steps_figure",
            "strength_history", "strength_to_arviz"]
 
@@ -98,10 +97,8 @@ def _strength_of(trainer_or_run_dir):
         strength, info = load_strength(folder)
         return strength, info["family"], info, _read_log_history(folder)
     strength = trainer_or_run_dir.strength
-    a = trainer_or_run_dir.args
-    settings = strength_settings(a.strength, a.beta, a.strength_init, a.strength_integrator, a.strength_nodes,
-                                 a.strength_fix_mean, a.objective, getattr(a, "strength_learnable", False))
-    return strength, strength.family, settings, list(trainer_or_run_dir.state.log_history)
+    return (strength, strength.family, trainer_or_run_dir.strength_settings,
+            list(trainer_or_run_dir.state.log_history))
 
 
 def _read_log_history(folder: str) -> list[dict[str, Any]]:
@@ -204,19 +201,6 @@ def _pyplot():
     return plt
 
 
-def exact_distribution(strength: Strength):
-    """The scipy.stats frozen distribution of ``strength`` at its current parameters; None for a point mass or a
-    family without a known density."""
-    from scipy import stats
-
-    p = strength.family_params()
-    if strength.family == "lognormal":
-        return stats.lognorm(s=p["sigma"], scale=math.exp(p["mu"]))
-    if strength.family == "gamma":
-        return stats.gamma(a=p["shape"], scale=1.0 / p["rate"])
-    return None
-
-
 def _moments(strength: Strength) -> dict[str, float]:
     """The exact mean, sd and CV of ``strength`` (the family's own formulas)."""
     with torch.no_grad():
@@ -247,8 +231,8 @@ def density_figure(fitted: Strength, start: Strength | None = None, dpo_beta: fl
     """The fitted strength's exact density with the starting one overlaid (see the module docstring)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.4))
-    dist = exact_distribution(fitted)
-    start_dist = exact_distribution(start) if start is not None else None
+    dist = fitted.exact_distribution()
+    start_dist = start.exact_distribution() if start is not None else None
     extra = None  # legend entries of a second y axis
     if dist is None:
         _point_axes(ax, fitted, start, fitted.family)
@@ -295,7 +279,7 @@ def _point_axes(ax, fitted: Strength, start: Strength | None, family: str) -> No
     """A point mass (or a family with no known density) as a marked value: a vertical line with a marker."""
     if family != "point":
         raise ValueError(f"no exact density is known for the {family!r} strength family; add it to "
-                         "alignment.diagnostics.exact_distribution")
+                         "its Strength.exact_distribution")
     b = fitted.family_params()["beta"]
     ax.axvline(b, color="C0", lw=2, gid="fitted", label=f"point strength beta = {b:.4g}")
     ax.plot([b], [0.9], "v", color="C0", ms=12, transform=ax.get_xaxis_transform(), gid="fitted-marker")

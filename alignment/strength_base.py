@@ -146,6 +146,10 @@ class Strength(nn.Module):
         """The family's parameters (on their natural scale) as floats, for logging as ``beta/<name>``."""
         raise NotImplementedError
 
+    def exact_distribution(self):
+        """The scipy.stats frozen distribution at the current parameters (exact density and quantiles, for
+        reports and plots); None (this default) for a point mass or a family without one."""
+
     def _rule(self, batch: int, dtype: torch.dtype, device: torch.device, coarse: bool = False):
         """Strength points and log-weights: ((1 or B, R, 1), (R,) or (B, R))."""
         raise NotImplementedError

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from scipy import special
+from scipy import special, stats
 from torch import nn
 
 from mixlogit.closed_forms import (
@@ -169,6 +169,10 @@ class LogNormalStrength(Strength):
     def family_params(self):
         return {"mu": float(self.loc.detach()), "sigma": float(self.sigma.detach())}
 
+    def exact_distribution(self):
+        p = self.family_params()
+        return stats.lognorm(s=p["sigma"], scale=math.exp(p["mu"]))
+
     def _rule(self, batch, dtype, device, coarse=False):
         r = self.nodes
         if self.integrator in DETERMINISTIC_INTEGRATORS:
@@ -278,6 +282,10 @@ class GammaStrength(Strength):
 
     def family_params(self):
         return {"shape": float(self.shape.detach()), "rate": float(self.rate.detach())}
+
+    def exact_distribution(self):
+        p = self.family_params()
+        return stats.gamma(a=p["shape"], scale=1.0 / p["rate"])
 
     # ------------------------------------------------------------------ integrators
     def _gamma_quantiles(self, k0: float, coarse: bool) -> tuple[np.ndarray, np.ndarray]:

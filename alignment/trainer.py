@@ -154,6 +154,11 @@ class MixDPOTrainer(PairMarginsMixin, DPOTrainer):
         return self._strength
 
     @property
+    def strength_settings(self) -> dict:
+        """The strength's settings as ``strength.json`` records them (family, start, beta, objective, ...)."""
+        return dict(self._strength_meta)
+
+    @property
     def group_names(self) -> list[str]:
         """Group labels of ``group_column``, in the order of their integer ids."""
         return sorted(self._group_index, key=self._group_index.get)

@@ -58,6 +58,33 @@ def log_logit_chosen(v_diff: torch.Tensor, avail: torch.Tensor | None = None) ->
     return -(m + torch.log(s))
 
 
+def logit_loglik_and_probs(v_diff: torch.Tensor, avail: torch.Tensor | None = None,
+                           situation_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log probability of the chosen alternative and the probabilities of the others, for closed-form derivatives.
+
+    v_diff: (N, T, A, R) utility differences; avail: (N, T, A) bool or None; situation_mask: (N, T) or None.
+    Returns ll (N, T, R), as :func:`log_logit_chosen` and zero in padded situations, and P (N, T, A, R), zero
+    where an alternative is unavailable or the situation padded.
+    """
+    if avail is not None:
+        v_diff = v_diff.masked_fill(~avail.unsqueeze(-1), float("-inf"))
+    m = None if situation_mask is None else situation_mask.unsqueeze(-1).to(v_diff.dtype)  # (N, T, 1)
+    if v_diff.shape[-2] > 1:
+        # log_logit_chosen's fast path, checked after the fact: a finite total means no sum overflowed
+        # (one reduction over the A-times smaller sums instead of a max over v), and exp(v) is reused for P.
+        e = torch.exp(v_diff)
+        s = 1.0 + e.sum(dim=-2)
+        if math.isfinite(float(s.sum())):
+            ll = -torch.log(s)
+            inv = s.reciprocal_() if m is None else s.reciprocal_().mul_(m)  # the mask rides on 1/s
+            return (ll if m is None else ll * m), e.mul_(inv.unsqueeze(-2))
+    ll = log_logit_chosen(v_diff)  # binary logit (softplus) or huge utilities (shifted logsumexp)
+    p = torch.exp(v_diff + ll.unsqueeze(-2))
+    if m is not None:
+        ll, p = ll * m, p.mul_(m.unsqueeze(-2))
+    return ll, p
+
+
 def _plain_conditional_loglik(x_diff, beta, fixed_diff, avail, situation_mask):
     # The reference path: plain tensor ops, differentiated (to any order, under vmap) by autograd.
     v = _utility_diff(x_diff, beta)
@@ -84,27 +111,7 @@ class _LogitKernel(torch.autograd.Function):
         v = _utility_diff(x_diff, beta)
         if fixed_diff is not None:
             v = v + fixed_diff.unsqueeze(-1)
-        if avail is not None:
-            v = v.masked_fill(~avail.unsqueeze(-1), float("-inf"))
-        m = None if situation_mask is None else situation_mask.unsqueeze(-1).to(v.dtype)  # (N, T, 1)
-        ll = None
-        if v.shape[-2] > 1:
-            # log_logit_chosen's fast path, checked after the fact: a finite total means no sum overflowed
-            # (one reduction over the A-times smaller sums instead of a max over v).
-            e = torch.exp(v)
-            s = 1.0 + e.sum(dim=-2)
-            if math.isfinite(float(s.sum())):
-                ll = -torch.log(s)
-                inv = s.reciprocal_() if m is None else s.reciprocal_().mul_(m)  # the mask rides on 1/s
-                p = e.mul_(inv.unsqueeze(-2))
-                if m is not None:
-                    ll = ll * m
-        if ll is None:  # binary logit (softplus) or huge utilities (shifted logsumexp)
-            ll = log_logit_chosen(v)
-            p = torch.exp(v + ll.unsqueeze(-2))
-            if m is not None:
-                ll = ll * m
-                p = p.mul_(m.unsqueeze(-2))
+        ll, p = logit_loglik_and_probs(v, avail, situation_mask)
         ctx.save_for_backward(x_diff, beta, fixed_diff, avail, situation_mask, p)
         return ll.sum(dim=1)
 

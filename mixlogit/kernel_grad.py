@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel import _utility_diff, log_logit_chosen
+from .kernel import _utility_diff, logit_loglik_and_probs
 
 
 def logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, *, avail: torch.Tensor | None = None,
@@ -28,15 +28,7 @@ def logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, *, avail: torch.
     """
     with torch.no_grad():
         n, t, a, k = x_diff.shape
-        v = _utility_diff(x_diff, beta)
-        if avail is not None:
-            v = v.masked_fill(~avail.unsqueeze(-1), float("-inf"))
-        ll = log_logit_chosen(v)  # (N, T, R)
-        p = torch.exp(v + ll.unsqueeze(-2))  # (N, T, A, R) probabilities of the non-chosen alternatives
-        if situation_mask is not None:
-            m = situation_mask.to(ll.dtype).unsqueeze(-1)
-            ll = ll * m
-            p = p * m.unsqueeze(-2)
+        ll, p = logit_loglik_and_probs(_utility_diff(x_diff, beta), avail, situation_mask)  # p: (N, T, A, R)
         r = p.shape[-1]
         # m_ntr = sum_a P_ntar x_nta (the chosen alternative's x difference is zero)
         mean = torch.bmm(p.permute(0, 1, 3, 2).reshape(n * t, r, a), x_diff.reshape(n * t, a, k))

@@ -19,6 +19,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -86,8 +87,12 @@ class MSLProblem:
         self.chunks = [slice(i, min(i + size, d.n_units)) for i in range(0, d.n_units, size)]
         self._needs_avail = d.has_unavailable
         self._needs_mask = not bool(d.situation_mask.all())  # balanced panels have no padded situations
-        # A random scale multiplies the fixed coefficients too, so every column enters the kernel per draw.
-        self._x_all_diff = d.x_diff if self.spec.scale else None
+
+    @cached_property
+    def x_all_diff(self) -> torch.Tensor:
+        """(N, T, A, Kr + Kf) every column's differences, built once: for a random scale (which multiplies the
+        fixed coefficients too, so every column enters the kernel per draw) and the closed-form Hessian."""
+        return self.design.x_diff
 
     # ------------------------------------------------------------------ values
     def _workers(self) -> int:
@@ -111,7 +116,7 @@ class MSLProblem:
         mask = d.situation_mask[index] if self._needs_mask else None
         if self.spec.scale:
             beta = self.spec.scaled_coefficients(theta, rule.for_units(index))  # (n, R, Kr + Kf)
-            return conditional_loglik(self._x_all_diff[index], beta, avail=avail, situation_mask=mask,
+            return conditional_loglik(self.x_all_diff[index], beta, avail=avail, situation_mask=mask,
                                       closed_form_grad=cf)
         beta = self.spec.coefficients(theta, rule.for_units(index))
         fixed = None
@@ -198,12 +203,10 @@ class MSLProblem:
 
     def _hessian_closed_form(self, th0: torch.Tensor):
         d, spec = self.design, self.spec
-        if self._x_all_diff is None:
-            self._x_all_diff = d.x_diff  # every column, for coefficients that include the fixed ones
 
         def one(c):
             return mixed_loglik_hessian(
-                spec.scaled_coefficients, th0, self.rule.for_units(c), self._x_all_diff[c], d.weights[c],
+                spec.scaled_coefficients, th0, self.rule.for_units(c), self.x_all_diff[c], d.weights[c],
                 self.rule.log_weights, avail=d.avail_diff[c] if self._needs_avail else None,
                 situation_mask=d.situation_mask[c] if self._needs_mask else None).numpy()
 
