@@ -1,21 +1,30 @@
-"""``mixlogit`` command line: fit a model on a CSV file or a built-in data set, write the results."""
+"""``mixlogit`` command line: fit a model on a CSV file or a built-in data set, write the results.
+
+Under ``torchrun`` (``torchrun --nproc_per_node 2 -m mixlogit fit ...``) an MSL fit splits its persons over the
+ranks (:mod:`mixlogit.distributed`): every rank fits, rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from .data import ChoiceData
 from .datasets import DATASET_COLUMNS, DATASET_MODELS, DATASETS
+from .devices import resolve_device
 from .diagnostics import PLOT_FILES, write_report
 from .diagnostics.report import REPORT_FILES
+from .distributed import launched_by_torchrun, torchrun_group, world
 from .draws import DRAW_TYPES
 from .loading import load
 from .model import MixedLogit
 from .persistence import check_folder, existing, replace_folder
+from .precision import PRECISIONS
 
 #: The files ``mixlogit fit`` writes into its ``--out`` folder.
 RESULT_FILES = ("results.json", "params.csv", "summary.txt")
@@ -70,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--draw-type", default="halton", choices=DRAW_TYPES)
     f.add_argument("--antithetic", action="store_true")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--precision", default="double", choices=list(PRECISIONS), help="MSL: float64 throughout, or "
+                   "mixed (float32 for the largest pass, float64 sums and standard errors) (default: %(default)s)")
+    f.add_argument("--device", help="MSL: where the tensors live, e.g. cuda (default: cpu); under torchrun each "
+                   "rank takes the GPU of its LOCAL_RANK")
     f.add_argument("--out", default="mixlogit-results", help="output folder (default: %(default)s)")
     f.add_argument("--overwrite", action="store_true", help="replace existing result files in --out (and a previous "
                    "model's report and plots there; other files are kept)")
@@ -196,7 +209,8 @@ def _load_data(args) -> tuple[ChoiceData, dict, list]:
 
 #: Options that apply to some methods only: (destination, flag, methods).
 METHOD_OPTIONS = [("draws", "--draws", ("msl",)), ("draw_type", "--draw-type", ("msl",)),
-                  ("antithetic", "--antithetic", ("msl",)), ("steps", "--steps", ("svi",)),
+                  ("antithetic", "--antithetic", ("msl",)), ("precision", "--precision", ("msl",)),
+                  ("device", "--device", ("msl",)), ("steps", "--steps", ("svi",)),
                   ("guide", "--guide", ("svi",)), ("subsample", "--subsample", ("svi",)),
                   ("learning_rate", "--learning-rate", ("svi",)), ("num_samples", "--num-samples", ("nuts",)),
                   ("num_warmup", "--num-warmup", ("nuts",)), ("chains", "--chains", ("nuts",)),
@@ -236,6 +250,17 @@ def _read_csv(path: Path, sep: str = ",") -> pd.DataFrame:
 
 def cmd_fit(args) -> int:
     _check_fit_args(args)
+    if launched_by_torchrun() and args.method != "msl":
+        raise SystemExit(f"torchrun splits --method msl over its ranks; --method {args.method} runs in one process")
+    device = resolve_device(args.device or "cpu", "--device")
+    if device.type == "cuda" and launched_by_torchrun():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    with torchrun_group(device) as distributed:
+        return _fit_and_write(args, device, distributed)
+
+
+def _fit_and_write(args, device, distributed: bool) -> int:
+    lead = world()[0] == 0  # the rank that prints and writes (the only one outside torchrun)
     out = Path(args.out)
     targets = [out / n for n in RESULT_FILES]
     present = existing(out, FIT_REPLACES)
@@ -251,10 +276,12 @@ def cmd_fit(args) -> int:
         correlated = _parse_list(args.correlated)
     model = MixedLogit(random=random, fixed=fixed, asc=args.asc, base_alt=args.base_alt, correlated=correlated,
                        scale=args.scale)
-    print(f"{data}\n{model}", flush=True)
+    if lead:
+        print(f"{data}\n{model}", flush=True)
     if args.method == "msl":
-        res = model.fit(data, method="msl", draws=args.draws, draw_type=args.draw_type,
-                        antithetic=args.antithetic, seed=args.seed, progress=True)
+        res = model.fit(data, method="msl", draws=args.draws, draw_type=args.draw_type, antithetic=args.antithetic,
+                        seed=args.seed, progress=lead, precision=args.precision, device=device,
+                        distributed=distributed)
     elif args.method == "svi":
         res = model.fit(data, method="svi", seed=args.seed, progress=True, steps=args.steps, guide=args.guide,
                         subsample=args.subsample, learning_rate=args.learning_rate, priors=_parse_priors(args.prior))
@@ -262,6 +289,8 @@ def cmd_fit(args) -> int:
         res = model.fit(data, method=args.method, seed=args.seed, progress=True, num_samples=args.num_samples,
                         num_warmup=args.num_warmup, chains=args.chains, priors=_parse_priors(args.prior))
     res.settings["data"] = _data_source(args) | {"rows": data.n_rows, "fingerprint": _fingerprint(res, data)}
+    if not lead:
+        return 0
     text = res.summary()
     with replace_folder(out, FIT_REPLACES, overwrite=args.overwrite) as tmp:
         res.save(tmp / targets[0].name)

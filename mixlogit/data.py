@@ -7,13 +7,16 @@ the columns a model uses into the tensors the kernel consumes.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Hashable
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+
+from .design import Design
+from .devices import resolve_device
 
 
 class ChoiceDataError(ValueError):
@@ -131,69 +134,6 @@ def factorize_sorted(values) -> tuple[np.ndarray, pd.Index]:
     return rank[codes], labels.take(order)
 
 
-@dataclass
-class Design:
-    """Tensors for one model on one data set (float64 unless stated).
-
-    ``N`` units (persons, or situations without a panel), ``T`` max situations per unit, ``J`` alternatives,
-    ``A = J - 1`` non-chosen alternatives, ``Kr``/``Kf`` random/fixed columns.
-
-    x_rand, x_fixed : (N, T, J, Kr), (N, T, J, Kf) attribute levels (zeros for padding).
-    avail : (N, T, J) bool availability (False for padding).
-    chosen : (N, T) long index of the chosen alternative.
-    x_rand_diff, x_fixed_diff : (N, T, A, K) non-chosen minus chosen.
-    avail_diff : (N, T, A) bool.
-    situation_mask : (N, T) bool, False for padding in unbalanced panels.
-    weights : (N,) unit weights.
-    row_unit, row_t, row_j : (rows,) long positions of each table row (in the table's original order).
-    """
-
-    x_rand: torch.Tensor
-    x_fixed: torch.Tensor
-    avail: torch.Tensor
-    chosen: torch.Tensor
-    x_rand_diff: torch.Tensor
-    x_fixed_diff: torch.Tensor
-    avail_diff: torch.Tensor
-    situation_mask: torch.Tensor
-    weights: torch.Tensor
-    row_unit: torch.Tensor
-    row_t: torch.Tensor
-    row_j: torch.Tensor
-
-    @property
-    def n_units(self) -> int:
-        return int(self.x_rand.shape[0])
-
-    @property
-    def has_unavailable(self) -> bool:
-        """True when some real (not padded) non-chosen alternative is unavailable. Masking costs a pass over
-        the largest tensor, so the kernels skip it when this is False (padding is removed by the situation
-        mask anyway)."""
-        return not bool((self.avail_diff | ~self.situation_mask.unsqueeze(-1)).all())
-
-    @property
-    def x_diff(self) -> torch.Tensor:
-        """(N, T, A, Kr + Kf): random then fixed attribute differences, for kernels that take every
-        coefficient as a draw (see :meth:`mixlogit.spec.Spec.all_coefficients`)."""
-        return torch.cat([self.x_rand_diff, self.x_fixed_diff], -1)
-
-    @property
-    def x(self) -> torch.Tensor:
-        """(N, T, J, Kr + Kf): random then fixed attribute levels."""
-        return torch.cat([self.x_rand, self.x_fixed], -1)
-
-    def subset(self, index: slice | torch.Tensor) -> Design:
-        """The tensors of a subset of units (row mappings are dropped)."""
-        return Design(
-            x_rand=self.x_rand[index], x_fixed=self.x_fixed[index], avail=self.avail[index],
-            chosen=self.chosen[index], x_rand_diff=self.x_rand_diff[index],
-            x_fixed_diff=self.x_fixed_diff[index], avail_diff=self.avail_diff[index],
-            situation_mask=self.situation_mask[index], weights=self.weights[index],
-            row_unit=self.row_unit[:0], row_t=self.row_t[:0], row_j=self.row_j[:0],
-        )
-
-
 class ChoiceData:
     """A validated long-format choice table.
 
@@ -201,6 +141,9 @@ class ChoiceData:
     index and order), ``choice``, ``alt``, ``situation``, ``panel``, ``avail``, ``weights`` (column names),
     ``alternatives`` (sorted), ``n_situations``, ``n_units``, ``n_rows``.
     """
+
+    #: Where :meth:`design` puts its tensors (see :meth:`to`); None: the CPU, or the device a fit names.
+    device: torch.device | None = None
 
     def __init__(self, df, choice, alt, situation, panel, avail, weights, _arrays):
         self.df = df
@@ -395,8 +338,20 @@ class ChoiceData:
                 out[:, k] = _numeric_column(self.df, col, "attribute")
         return out
 
+    def to(self, device) -> ChoiceData:
+        """The same data with :meth:`design` on ``device`` (e.g. ``"cuda"``): a ValueError names a device that is
+        not available here and those that are. The table is shared, not copied."""
+        out = copy.copy(self)
+        out.device = resolve_device(device)
+        return out
+
     def design(self, random_columns: list[str], fixed_columns: list[str], dtype=torch.float64) -> Design:
-        """Padded tensors for a model with these random and fixed columns (see :class:`Design`)."""
+        """Padded tensors for a model with these random and fixed columns (see :class:`Design`), on the data's
+        device (:meth:`to`): built on the CPU whatever torch's default device, then moved once."""
+        with torch.device("cpu"):
+            return self._cpu_design(random_columns, fixed_columns, dtype).to(self.device or "cpu")
+
+    def _cpu_design(self, random_columns: list[str], fixed_columns: list[str], dtype) -> Design:
         n, j = self.n_units, len(self.alternatives)
         t = int(self._t_code.max()) + 1
         u, tt, jj = self._unit_code, self._t_code, self._alt_code

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -68,6 +68,11 @@ class IntegrationRule:
     def for_units(self, index: torch.Tensor | slice) -> torch.Tensor:
         """Points for a subset of units: shape (len(index), R, D), or (1, R, D) when shared."""
         return self.z if self.shared else self.z[index]
+
+    def to(self, device) -> IntegrationRule:
+        """The rule with its points and weights (and its coarse companion's) on ``device``, moved once."""
+        return replace(self, z=self.z.to(device), log_weights=self.log_weights.to(device),
+                       coarse=None if self.coarse is None else self.coarse.to(device))
 
 
 def check_draws(n_draws, name="draws"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -9,10 +10,13 @@ import numpy as np
 import torch
 
 from .data import ChoiceData, ChoiceDataError, require_choice_data
+from .devices import require_device, resolve_device
+from .distributed import shard_problem, world
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
-from .msl import SEPARATION, MSLProblem, identification_problems, maximize, polish
+from .msl import SEPARATION, MSLProblem, identification_problems, judge, maximize, polish
 from .persistence import jsonable
+from .precision import SEARCH_STOP_GAIN, check_precision
 from .progress import progress_bar
 from .results import MixedLogitResults
 from .spec import Spec, check_scale
@@ -157,21 +161,24 @@ class MixedLogit:
         """The simulated log-likelihood of this model on ``data`` (used by fit, predict and diagnostics)."""
         check_bool("antithetic", antithetic)
         spec = self.spec_for(data)
-        design = data.design(spec.random_names, spec.fixed)
-        if spec.n_draw_dims:
-            rule = make_rule(draw_type, design.n_units, draws, spec.n_draw_dims, seed=seed, antithetic=antithetic)
-        else:
-            check_draws(draws)
-            if draw_type not in DRAW_TYPES:
-                raise ValueError(f"unknown draw_type {draw_type!r}; accepted: {', '.join(DRAW_TYPES)}")
-            rule = no_draws_rule()
-        return MSLProblem(spec, design, rule)
+        design = data.design(spec.random_names, spec.fixed)  # on the data's device (ChoiceData.to)
+        with torch.device("cpu"):  # the draws are made on the CPU whatever torch's default device, moved once
+            if spec.n_draw_dims:
+                rule = make_rule(draw_type, design.n_units, draws, spec.n_draw_dims, seed=seed, antithetic=antithetic)
+            else:
+                check_draws(draws)
+                if draw_type not in DRAW_TYPES:
+                    raise ValueError(f"unknown draw_type {draw_type!r}; accepted: {', '.join(DRAW_TYPES)}")
+                rule = no_draws_rule()
+        return MSLProblem(spec, design, rule.to(design.device))
 
     def start_values(self, data: ChoiceData, spec: Spec) -> np.ndarray:
         """Starting values: a plain MNL fit for the fixed coefficients and the random ones' locations,
         spreads (and ``sd.scale``) 0.1 (lognormal locations start at the log of the MNL coefficient's magnitude)."""
-        mnl_problem = MSLProblem(Spec(random={}, fixed=spec.fixed + spec.random_names),
-                                 data.design([], spec.fixed + spec.random_names), no_draws_rule())
+        design = data.design([], spec.fixed + spec.random_names)
+        with torch.device("cpu"):
+            rule = no_draws_rule().to(design.device)
+        mnl_problem = MSLProblem(Spec(random={}, fixed=spec.fixed + spec.random_names), design, rule)
         opt = maximize(mnl_problem, np.zeros(mnl_problem.spec.n_params))
         b = opt.theta
         kf = spec.n_fixed
@@ -189,7 +196,7 @@ class MixedLogit:
 
     def fit_msl(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton", antithetic: bool = False,
                 seed: int | None = 0, start=None, multistart: int = 0, maxiter: int = 2000, gtol: float = 1e-5,
-                progress: bool = False):
+                progress: bool = False, precision: str = "double", device=None, distributed: bool = False):
         """Maximum simulated likelihood.
 
         Parameters
@@ -205,6 +212,14 @@ class MixedLogit:
             has kinks, as with censored coefficients) the Newton step with the exact Hessian is shorter than
             0.01 standard errors.
         progress : show a progress bar of iterations.
+        precision : "double" (float64 throughout) or "mixed": the optimizer's values and gradients take the units
+            x situations x alternatives x draws pass in float32, with float64 sums over draws and units
+            (:mod:`mixlogit.precision`); convergence is checked, and the log-likelihood, Hessian and standard
+            errors computed, in float64.
+        device : where every tensor of the fit lives, e.g. "cuda"; default: the data's device
+            (:meth:`mixlogit.data.ChoiceData.to`), else the CPU. Data moved to another device are refused.
+        distributed : split the persons over the ranks of the initialized torch.distributed process group
+            (:mod:`mixlogit.distributed`); every rank returns the same result, bit for bit that of one process.
 
         Returns
         -------
@@ -217,9 +232,17 @@ class MixedLogit:
         check_bool("antithetic", antithetic)
         check_int("maxiter", maxiter, 1)
         check_positive("gtol", gtol)
-        problem = self.make_problem(data, draws, draw_type, antithetic, seed)
+        check_precision(precision)
+        check_bool("distributed", distributed)
+        placed = self._placed(data, device)
+        problem = self.make_problem(placed, draws, draw_type, antithetic, seed)
         spec = problem.spec
-        x0 = self._resolve_start(start, spec) if start is not None else self.start_values(data, spec)
+        if distributed:  # refused here, before any fitting, when the ranks hold different problems
+            shard_problem(problem, {"draws": draws, "draw_type": draw_type, "antithetic": antithetic, "seed": seed,
+                                    "precision": precision, "start": start, "multistart": multistart,
+                                    "maxiter": maxiter, "gtol": gtol})
+        search = problem if precision == "double" else dataclasses.replace(problem, precision=precision)
+        x0 = self._resolve_start(start, spec) if start is not None else self.start_values(placed, spec)
         starts = [x0]
         rng = np.random.default_rng(seed)
         for _ in range(multistart):
@@ -227,12 +250,14 @@ class MixedLogit:
         best = None
         for i, s in enumerate(starts):
             bar = progress_bar(progress, desc=f"MSL start {i + 1}/{len(starts)}" if len(starts) > 1 else "MSL")
-            opt = maximize(problem, s, maxiter=maxiter, gtol=gtol,
+            opt = maximize(search, s, maxiter=maxiter, gtol=gtol, stop_gain=SEARCH_STOP_GAIN[precision],
                            callback=(lambda n_iter, xk, bar=bar: bar.update(1)) if bar is not None else None)
             if bar is not None:
                 bar.close()
             if best is None or (np.isfinite(opt.loglik) and opt.loglik > best.loglik):
                 best = opt
+        if search is not problem:  # convergence is judged, and the optimum polished, in float64
+            best = judge(problem, best.theta, gtol, best.n_iter, best.message)
         best, hessian = polish(problem, best, max_steps=max(0, maxiter - best.n_iter))
         converged = best.converged
         scores = problem.scores(best.theta)
@@ -261,15 +286,29 @@ class MixedLogit:
             warnings.warn(f"MSL did not converge ({best.message}; max|gradient| = {best.grad_norm:.3g})",
                           RuntimeWarning, stacklevel=3)
         return MixedLogitResults.from_fit(
-            model=self, spec=spec, data=data, theta=best.theta, loglik=best.loglik, null_loglik=null_ll,
-            hessian=hessian, scores=scores, weights=problem.design.weights.numpy(), converged=converged,
+            model=self, spec=spec, data=data if data.device is None else data.to("cpu"),  # results live on the CPU
+            theta=best.theta, loglik=best.loglik, null_loglik=null_ll,
+            hessian=hessian, scores=scores, weights=problem.design.weights.cpu().numpy(), converged=converged,
             n_iter=best.n_iter, message=best.message, grad_norm=best.grad_norm,
             integration_error=integration_error,
             settings={"method": "msl", "draws": int(draws), "draw_type": draw_type, "antithetic": bool(antithetic),
-                      "seed": seed, "multistart": multistart, "gtol": gtol, **rule_settings,
+                      "seed": seed, "multistart": multistart, "gtol": gtol, "precision": precision,
+                      "device": str(problem.device), **({"ranks": world()[1]} if distributed else {}), **rule_settings,
                       **({"unidentified": unidentified} if unidentified else {})},
             fit_time=time.perf_counter() - t0,
         )
+
+    @staticmethod
+    def _placed(data: ChoiceData, device) -> ChoiceData:
+        """``data`` on the fit's device: ``device`` when given (data moved to another one are refused), else the
+        data's own (:meth:`ChoiceData.to`), else the CPU."""
+        if device is None:
+            return data if data.device is not None else data.to("cpu")
+        dev = resolve_device(device)
+        if data.device is not None:
+            require_device(dev, data.device, "the data", f"move them with data.to({str(dev)!r}) or fit with "
+                           f"device={str(data.device)!r}")
+        return data.to(dev)
 
     def _resolve_start(self, start, spec: Spec) -> np.ndarray:
         names = spec.param_names

@@ -5,19 +5,17 @@ Units are independent given theta, so the work is split into chunks of units: me
 number of draws, and the gradient, the per-unit scores and the Hessian are sums over chunks, each exact in
 float64 (the kernel's gradient in closed form, the Hessian by autograd).
 
-Chunks run on a small pool of threads, each running torch single-threaded (torch releases the GIL inside its
-operations). Unlike torch's own intra-op threads, which wait for each other at every operation and slow to a
-crawl when another process takes one of the cores, a busy thread only takes fewer chunks. The chunking does not
-depend on the number of threads and chunk results are summed in chunk order, so every thread count gives
-bit-identical results.
+Chunks run on a small pool of threads, each running torch single-threaded (:mod:`mixlogit.parallel`), and in a
+torch.distributed run each process computes a shard of them (:mod:`mixlogit.distributed`). The chunking depends on
+neither the number of threads nor of processes, and chunk results are summed in chunk order, so every thread and
+process count gives bit-identical results. ``precision="mixed"`` runs the largest pass in float32
+(:mod:`mixlogit.precision`); every tensor lives on the design's device.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -27,39 +25,14 @@ from scipy import optimize
 
 from .budget import MSL_CHUNK_ELEMENTS, chunk_size
 from .data import Design
+from .distributed import Shard
 from .draws import IntegrationRule
 from .information import scaled_information
 from .kernel import conditional_loglik, log_mixed_prob
 from .kernel_grad import mixed_loglik_hessian
+from .parallel import MAX_WORKERS, default_workers, map_chunks
+from .precision import kernel_dtype
 from .spec import Spec
-
-#: Most threads the chunks are spread over; the units are cut into at least twice as many chunks.
-MAX_WORKERS = 4
-
-
-def default_workers() -> int:
-    """Threads for the chunks: the cores this process may run on, at most torch's thread setting and
-    :data:`MAX_WORKERS` (so ``torch.set_num_threads(1)`` means one thread)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores, torch.get_num_threads()))
-
-
-def map_chunks(fn, items, workers: int) -> list:
-    """``[fn(item) for item in items]``, on ``workers`` threads with torch single-threaded inside when
-    ``workers > 1``; torch's thread setting is restored afterwards. Results keep the order of ``items``."""
-    items = list(items)
-    if workers <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        torch.set_num_threads(before)
 
 
 @dataclass
@@ -77,6 +50,11 @@ class MSLProblem:
     closed_form_grad: bool = True
     #: The Hessian from per-draw closed forms (:mod:`mixlogit.kernel_grad`); False: nested autograd.
     closed_form_hessian: bool = True
+    #: "double", or "mixed" for a float32 N x T x A x R pass in values, gradients and scores (the Hessian stays
+    #: float64): see :mod:`mixlogit.precision`.
+    precision: str = "double"
+    #: This process's share of the chunks in a torch.distributed run (:mod:`mixlogit.distributed`), or None.
+    shard: Shard | None = None
 
     def __post_init__(self):
         d = self.design
@@ -87,6 +65,23 @@ class MSLProblem:
         self.chunks = [slice(i, min(i + size, d.n_units)) for i in range(0, d.n_units, size)]
         self._needs_avail = d.has_unavailable
         self._needs_mask = not bool(d.situation_mask.all())  # balanced panels have no padded situations
+        self._x_cache: dict = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.design.device
+
+    def _theta(self, theta) -> torch.Tensor:
+        return torch.tensor(np.asarray(theta, dtype=np.float64), device=self.device)
+
+    def _x(self, which: str) -> torch.Tensor:
+        """Attribute differences in the dtype of the N x T x A x R pass, cast once: ``"rand"`` (N, T, A, Kr),
+        ``"fixed"`` (N, T, A, Kf) or ``"all"`` (every column, for a random scale)."""
+        key = (which, kernel_dtype(self.precision))
+        if key not in self._x_cache:  # float64 in double precision: the design's own tensors, no copy
+            full = {"rand": self.design.x_rand_diff, "fixed": self.design.x_fixed_diff}
+            self._x_cache[key] = (self.x_all_diff if which == "all" else full[which]).to(key[1])
+        return self._x_cache[key]
 
     @cached_property
     def x_all_diff(self) -> torch.Tensor:
@@ -111,30 +106,45 @@ class MSLProblem:
         rule = rule or self.rule
         cf = self.closed_form_grad if closed_form_grad is None else closed_form_grad
         cf = cf and rule.n_points > 1  # one point (no draws, plain logit): no graph worth replacing
-        d = self.design
+        d, dtype = self.design, kernel_dtype(self.precision)
         avail = d.avail_diff[index] if self._needs_avail else None
         mask = d.situation_mask[index] if self._needs_mask else None
         if self.spec.scale:
             beta = self.spec.scaled_coefficients(theta, rule.for_units(index))  # (n, R, Kr + Kf)
-            return conditional_loglik(self.x_all_diff[index], beta, avail=avail, situation_mask=mask,
-                                      closed_form_grad=cf)
-        beta = self.spec.coefficients(theta, rule.for_units(index))
-        fixed = None
-        if self.spec.n_fixed:
-            bf = self.spec.fixed_coefficients(theta)
-            xf = d.x_fixed_diff[index]
-            fixed = xf @ bf if bf.dim() == 1 else torch.einsum("ntak,nk->nta", xf, bf)
-        return conditional_loglik(d.x_rand_diff[index], beta, fixed_diff=fixed, avail=avail, situation_mask=mask,
-                                  closed_form_grad=cf)
+            ll = conditional_loglik(self._x("all")[index], beta.to(dtype), avail=avail, situation_mask=mask,
+                                    closed_form_grad=cf)
+        else:
+            beta = self.spec.coefficients(theta, rule.for_units(index))
+            fixed = None
+            if self.spec.n_fixed:
+                bf = self.spec.fixed_coefficients(theta).to(dtype)
+                xf = self._x("fixed")[index]
+                fixed = xf @ bf if bf.dim() == 1 else torch.einsum("ntak,nk->nta", xf, bf)
+            ll = conditional_loglik(self._x("rand")[index], beta.to(dtype), fixed_diff=fixed, avail=avail,
+                                    situation_mask=mask, closed_form_grad=cf)
+        # Averages over draws and sums over units in float64 (the casts are no-ops in double precision).
+        return ll.to(torch.float64)
+
+    def _map(self, fn, shape, pieces: list[slice] | None = None) -> list[torch.Tensor]:
+        """``[fn(c) for c in pieces]`` (default: the chunks), ``fn`` giving a float64 tensor of ``shape(c)``.
+
+        Sharded (a torch.distributed run), this process computes its own pieces and receives the others' bit for
+        bit, so every rank sums the same numbers in the same order as one process would.
+        """
+        pieces = self.chunks if pieces is None else pieces
+        if self.shard is None:
+            return map_chunks(fn, pieces, self._workers())
+        mine = map_chunks(fn, [c for c in pieces if self.shard.owns(c)], self._workers())
+        return self.shard.gather(pieces, mine, shape, self.device)
 
     def loglik(self, theta: np.ndarray | torch.Tensor, rule: IntegrationRule | None = None) -> float:
-        th = torch.as_tensor(theta, dtype=torch.float64)
+        th = torch.as_tensor(theta, dtype=torch.float64, device=self.device)
 
         def one(c):
             with torch.no_grad():
-                return float((self.design.weights[c] * self.unit_loglik(th, c, rule)).sum())
+                return (self.design.weights[c] * self.unit_loglik(th, c, rule)).sum()
 
-        return float(sum(map_chunks(one, self.chunks, self._workers())))
+        return float(sum(float(v) for v in self._map(one, lambda c: ())))
 
     def null_loglik(self) -> float:
         """Log-likelihood of equal shares among the available alternatives (all coefficients zero)."""
@@ -144,19 +154,19 @@ class MSLProblem:
 
     def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Weighted log-likelihood and its exact gradient. theta: (P,) numpy."""
-        th0 = torch.tensor(theta, dtype=torch.float64)
+        th0 = self._theta(theta)
 
         def one(c):
             th = th0.clone().requires_grad_(True)
             ll = (self.design.weights[c] * self.unit_loglik(th, c)).sum()
             (grad,) = torch.autograd.grad(ll, th)
-            return float(ll.detach()), grad
+            return torch.cat([ll.detach().reshape(1), grad])
 
         total, grad = 0.0, torch.zeros_like(th0)
-        for value, g in map_chunks(one, self.chunks, self._workers()):  # in chunk order: deterministic
-            total += value
-            grad += g
-        return total, grad.numpy()
+        for value_grad in self._map(one, lambda c: (1 + th0.numel(),)):  # in chunk order: deterministic
+            total += float(value_grad[0])
+            grad += value_grad[1:]
+        return total, grad.cpu().numpy()
 
     def scores(self, theta: np.ndarray) -> np.ndarray:
         """Per-unit scores d log P_n / d theta (unweighted): (N, P).
@@ -164,13 +174,14 @@ class MSLProblem:
         Each unit gets its own copy of theta, so one backward pass yields every unit's gradient.
         """
 
-        def one(c):
-            n = c.stop - c.start
-            th = torch.tensor(theta, dtype=torch.float64).expand(n, -1).clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.unit_loglik(th, c).sum(), th)
-            return grad.numpy()
+        th0 = self._theta(theta)
 
-        return np.concatenate(map_chunks(one, self.chunks, self._workers()), axis=0)
+        def one(c):
+            th = th0.expand(c.stop - c.start, -1).clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.unit_loglik(th, c).sum(), th)
+            return grad
+
+        return torch.cat(self._map(one, lambda c: (c.stop - c.start, th0.numel())), dim=0).cpu().numpy()
 
     def hessian(self, theta: np.ndarray) -> np.ndarray:
         """Exact Hessian of the weighted log-likelihood (float64): (P, P).
@@ -178,7 +189,7 @@ class MSLProblem:
         In closed form from per-draw quantities (:func:`mixlogit.kernel_grad.mixed_loglik_hessian`) for models
         with draws; by nested autograd otherwise, or with ``closed_form_hessian=False``.
         """
-        th0 = torch.tensor(theta, dtype=torch.float64)
+        th0 = self._theta(theta)
         p = th0.numel()
         if self.closed_form_hessian and self.spec.n_draw_dims:
             pieces, one = self.chunks, self._hessian_closed_form(th0)
@@ -194,11 +205,11 @@ class MSLProblem:
                 def f(th):  # plain autograd through the kernel: vmap over P tangents of a second derivative
                     return (w * self.unit_loglik(th, c, closed_form_grad=False)).sum()
 
-                return torch.autograd.functional.hessian(f, th0, vectorize=True).numpy()
+                return torch.autograd.functional.hessian(f, th0, vectorize=True)
 
         hess = np.zeros((p, p))
-        for h in map_chunks(one, pieces, self._workers()):
-            hess += h
+        for h in self._map(one, lambda c: (p, p), pieces):
+            hess += h.cpu().numpy()
         return 0.5 * (hess + hess.T)
 
     def _hessian_closed_form(self, th0: torch.Tensor):
@@ -208,7 +219,7 @@ class MSLProblem:
             return mixed_loglik_hessian(
                 spec.scaled_coefficients, th0, self.rule.for_units(c), self.x_all_diff[c], d.weights[c],
                 self.rule.log_weights, avail=d.avail_diff[c] if self._needs_avail else None,
-                situation_mask=d.situation_mask[c] if self._needs_mask else None).numpy()
+                situation_mask=d.situation_mask[c] if self._needs_mask else None)
 
         return one
 
@@ -247,13 +258,16 @@ def newton_decrement(grad: np.ndarray, hessian: np.ndarray) -> float:
 
 
 def maximize(problem: MSLProblem, start: np.ndarray, *, maxiter: int = 2000, gtol: float = 1e-5,
-             callback=None) -> OptimizeResult:
+             callback=None, stop_gain: float | None = None) -> OptimizeResult:
     """Maximize the simulated log-likelihood by BFGS with the exact gradient.
 
     Convergence: the largest absolute gradient entry below ``gtol`` (scipy's BFGS criterion), checked again
-    at the returned point; anything else is reported as not converged, never raised.
+    at the returned point; anything else is reported as not converged, never raised. ``stop_gain``: also stop
+    after an iteration that raises the log-likelihood by less than this (a search in mixed precision, whose line
+    searches cannot resolve smaller gains; its caller judges the end point in float64).
     """
     n_iter = 0
+    previous = math.inf
 
     def fun(x):
         v, g = problem.value_and_grad(x)
@@ -261,16 +275,19 @@ def maximize(problem: MSLProblem, start: np.ndarray, *, maxiter: int = 2000, gto
             return np.inf, np.zeros_like(g)
         return -v, -g
 
-    def cb(xk):
-        nonlocal n_iter
+    def cb(intermediate_result):
+        nonlocal n_iter, previous
         n_iter += 1
         if callback is not None:
-            callback(n_iter, xk)
+            callback(n_iter, intermediate_result.x)
+        gain, previous = previous - intermediate_result.fun, intermediate_result.fun  # fun is -loglik
+        if stop_gain is not None and gain < stop_gain:
+            raise StopIteration  # scipy ends the search at this iteration's point
 
     # Start BFGS from the BHHH matrix (outer product of the per-unit scores) instead of the identity: it has
     # the right scale in every direction, which saves most of the early iterations.
     scores = problem.scores(start)
-    bhhh = scores.T @ (problem.design.weights.numpy()[:, None] * scores)
+    bhhh = scores.T @ (problem.design.weights.cpu().numpy()[:, None] * scores)
     try:
         hess_inv0 = np.linalg.inv(bhhh + 1e-8 * np.eye(len(start)) * max(1.0, np.trace(bhhh) / len(start)))
         hess_inv0 = 0.5 * (hess_inv0 + hess_inv0.T)
@@ -281,13 +298,19 @@ def maximize(problem: MSLProblem, start: np.ndarray, *, maxiter: int = 2000, gto
         warnings.simplefilter("ignore", RuntimeWarning)
         r = optimize.minimize(fun, start, jac=True, method="BFGS", callback=cb,
                               options={"maxiter": maxiter, "gtol": gtol, "hess_inv0": hess_inv0})
-    value, grad = problem.value_and_grad(r.x)
+    return judge(problem, r.x, gtol, int(r.nit), str(r.message))
+
+
+def judge(problem: MSLProblem, theta: np.ndarray, gtol: float, n_iter: int, message: str) -> OptimizeResult:
+    """The optimizer's end point with ``problem``'s value and gradient there, converged when the largest absolute
+    gradient entry is below ``gtol`` (at least 1e-4). scipy reports "precision loss" when the line search cannot
+    improve although the gradient is tiny, so convergence is judged by the gradient itself; a search run in mixed
+    precision is judged again by the float64 problem."""
+    value, grad = problem.value_and_grad(theta)
     gnorm = float(np.max(np.abs(grad)))
-    # scipy reports "precision loss" when the line search cannot improve although the gradient is tiny;
-    # judge convergence by the gradient itself.
     converged = bool(math.isfinite(value) and gnorm < max(gtol, 1e-4))
-    return OptimizeResult(theta=r.x, loglik=value, converged=converged, n_iter=int(r.nit),
-                          message=str(r.message), grad_norm=gnorm, grad=grad)
+    return OptimizeResult(theta=theta, loglik=value, converged=converged, n_iter=n_iter, message=message,
+                          grad_norm=gnorm, grad=grad)
 
 
 #: Where the simulated likelihood has kinks and no step along the Newton direction gains anything, a Newton
@@ -369,7 +392,7 @@ def identification_problems(problem: MSLProblem, theta: np.ndarray, hessian: np.
     def span(x):  # largest |difference| over real (situation, alternative) pairs, per column
         if x.shape[-1] == 0 or x.shape[2] == 0:
             return np.zeros(x.shape[-1])
-        return torch.where(real, x.abs(), 0.0).amax((0, 1, 2)).numpy()
+        return torch.where(real, x.abs(), 0.0).amax((0, 1, 2)).cpu().numpy()
 
     span_f, span_r = span(d.x_fixed_diff), span(d.x_rand_diff)
     out: dict[str, str] = {}

@@ -115,7 +115,7 @@ class Spec:
         if self.chol_pairs:
             # Place the off-diagonal entries with a constant one-hot tensor: no in-place writes, so autograd
             # and vmap (vectorized Hessians) see a plain differentiable expression.
-            place = torch.zeros(len(self.chol_pairs), kc, kc, dtype=theta.dtype)
+            place = torch.zeros(len(self.chol_pairs), kc, kc, dtype=theta.dtype, device=theta.device)
             for p, (a, b) in enumerate(self.chol_pairs):
                 place[p, a, b] = 1.0
             L = L + torch.einsum("...p,pij->...ij", chol, place)
@@ -131,7 +131,7 @@ class Spec:
         sl = self.slices()
         th = theta if theta.dim() == 2 else theta.unsqueeze(0)
         if not self.n_random:
-            return torch.zeros(max(th.shape[0], z.shape[0]), z.shape[1], 0, dtype=theta.dtype)
+            return torch.zeros(max(th.shape[0], z.shape[0]), z.shape[1], 0, dtype=theta.dtype, device=theta.device)
         loc = th[:, sl["loc"]].unsqueeze(1)  # (U, 1, Kr)
         spread = th[:, sl["spread"]].unsqueeze(1)
         cols = []
