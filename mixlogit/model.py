@@ -259,6 +259,9 @@ class MixedLogit:
         if search is not problem:  # convergence is judged, and the optimum polished, in float64
             best = judge(problem, best.theta, gtol, best.n_iter, best.message)
         best, hessian = polish(problem, best, max_steps=max(0, maxiter - best.n_iter))
+        if search is not problem and not best.converged:  # the float32 search ended too far out: go on in float64
+            resumed = maximize(problem, best.theta, maxiter=maxiter, gtol=gtol)
+            best, hessian = polish(problem, resumed, max_steps=max(0, maxiter - resumed.n_iter))
         converged = best.converged
         scores = problem.scores(best.theta)
         integration_error = None

@@ -78,6 +78,19 @@ def test_mixed_precision_fit_is_within_a_hundredth_of_a_standard_error(panel, do
     assert mixed.loglik == pytest.approx(problem.loglik(mixed.params.to_numpy().copy()), abs=1e-9)
 
 
+def test_a_mixed_search_that_stops_far_out_is_finished_in_float64(panel, double_fit, monkeypatch):
+    from mixlogit import model as model_module
+
+    model, data = panel
+    # Stop the float32 search after its second iteration: the float64 check and steps must still find the optimum.
+    monkeypatch.setitem(model_module.SEARCH_STOP_GAIN, "mixed", 1e6)
+    res = model.fit(data, draws=100, seed=1, precision="mixed")
+    assert res.converged
+    shift = np.abs(res.params.abs().to_numpy() - double_fit.params.abs().to_numpy()) / double_fit.bse.to_numpy()
+    assert shift.max() < 0.01  # what converged means: a float64 Newton step shorter than 0.01 SE
+    assert res.loglik == pytest.approx(double_fit.loglik, abs=1e-5)
+
+
 @pytest.mark.parametrize("bad", ["single", "float32", "", None, 32])
 def test_unknown_precision_lists_the_accepted_values(panel, bad):
     model, data = panel
