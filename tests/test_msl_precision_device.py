@@ -112,6 +112,19 @@ def test_a_fit_on_a_named_device_makes_no_tensor_on_the_default_device(panel, do
     assert on_cpu.loglik == double_fit.loglik
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_evaluates_on_its_own_device_whatever_the_default(name):
+    problem, theta = _problem(name, workers=1)
+    v, g = problem.value_and_grad(theta)
+    s, h = problem.scores(theta), problem.hessian(theta)
+    with torch.device("meta"):  # every distribution, the correlated block and the random scale name their device
+        v2, g2 = problem.value_and_grad(theta)
+        s2, h2 = problem.scores(theta), problem.hessian(theta)
+    assert v2 == v
+    for a, b in ((g2, g), (s2, s), (h2, h)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_data_and_draws_moved_to_a_device_keep_every_tensor_there(panel):
     model, data = panel
     spec = model.spec_for(data)
