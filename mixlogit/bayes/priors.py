@@ -59,6 +59,52 @@ GROUPS = ("fixed", "loc", "sd", "corr")
 _LOGNORMAL_FAMILIES = ("lognormal", "-lognormal")
 
 
+#: Improper priors, refused with the reason (:func:`refuse_improper`): flat on the parameter's support, and
+#: flat on the log of a spread (proportional to 1/sd).
+FLAT_FAMILIES, LOG_FLAT_FAMILIES = ("flat", "uniform", "improper"), ("jeffreys", "loguniform", "log_flat")
+_USE_PROPER_SD = "use a proper prior such as 'halfnormal(5)' (the default) or 'halfcauchy(2.5)'"
+_IMPROPER_REASONS = {
+    ("sd", "flat"): ("a flat prior on a spread (uniform on (0, inf)) leaves the posterior improper unless the "
+                     "likelihood falls faster than 1/sd as sd grows, and the data need not make it: the mixed logit "
+                     "likelihood tends to a positive constant whenever every unit's choices follow a deterministic "
+                     "rule for some coefficients (one binary choice per unit, for instance), so the posterior mass "
+                     f"runs off to infinity; {_USE_PROPER_SD}"),
+    ("sd", "log_flat"): ("a prior proportional to 1/sd (flat on log sd) always makes the posterior improper: as sd "
+                         "falls to zero the likelihood tends to the plain logit's, a positive constant, and the "
+                         f"integral of 1/sd diverges at zero; {_USE_PROPER_SD}"),
+    ("other", "flat"): ("a flat prior on a coefficient leaves the posterior improper whenever the data separate the "
+                        "alternatives (the likelihood then tends to a positive constant along a direction of "
+                        "coefficients); use a wide proper prior such as 'normal(0, 100)'"),
+    ("corr", "flat"): "the uniform prior on correlation matrices is the proper 'lkj(1)'",
+}
+
+
+def _family_name(value) -> str | None:
+    """The family a prior specification names (lower case), or None when it names none."""
+    if isinstance(value, Prior):
+        return value.family
+    if isinstance(value, str):
+        m = _CALL.match(value)
+        return (m.group(1) if m else value.strip()).lower()
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
+        return value[0].lower()
+    if isinstance(value, dict) and "family" in value:
+        return str(value["family"]).lower()
+    return None
+
+
+def refuse_improper(name: str, group: str, value) -> None:
+    """Raise a :class:`PriorError` naming parameter ``name`` (of ``group``: "fixed", "loc", "sd" or "corr") and
+    the reason when ``value`` specifies an improper prior."""
+    family = _family_name(value)
+    kind = "flat" if family in FLAT_FAMILIES else "log_flat" if family in LOG_FLAT_FAMILIES else None
+    if kind is None:
+        return
+    where = group if group in ("sd", "corr") else "other"
+    reason = _IMPROPER_REASONS.get((where, kind), _IMPROPER_REASONS.get((where, "flat")))
+    raise PriorError(f"prior for {name!r} is the improper {family!r}: {reason}")
+
+
 class PriorError(ValueError):
     """An unknown prior family or key, or invalid prior parameters."""
 
@@ -175,6 +221,7 @@ def resolve_priors(spec: Spec, priors: dict | None) -> dict[str, Prior]:
     out: dict[str, Prior] = {}
     for n in names:
         group = "fixed" if n in spec.fixed else ("sd" if n.startswith("sd.") else "loc")
+        refuse_improper(n, group, priors.get(n, priors.get(group)))
         if n in priors:
             p = parse_prior(priors[n], where=f"prior for {n!r}")
         elif group in priors:
@@ -188,6 +235,7 @@ def resolve_priors(spec: Spec, priors: dict | None) -> dict[str, Prior]:
                              f"{'positive half-line' if need == 'positive' else 'real line'}: {', '.join(ok)}")
         out[n] = p
     if spec.correlated:
+        refuse_improper("corr", "corr", priors.get("corr"))
         p = parse_prior(priors["corr"], where="prior for 'corr'") if "corr" in priors else default_prior(spec, "corr")
         if p.support != "correlation":
             raise PriorError(f"prior for 'corr' is {p}; correlations need 'lkj(eta)' with eta > 0")
