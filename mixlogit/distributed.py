@@ -2,7 +2,7 @@
 
 The units are cut into the same chunks as in one process (:class:`mixlogit.msl.MSLProblem`); rank ``r`` of
 ``W`` computes a contiguous block of them and keeps the draws of those units only (:class:`ShardRule`). Every
-value, gradient, score and Hessian is a table of per-chunk results: each rank fills its own rows, one
+value, gradient, score and Hessian is a table of per-chunk results: each rank fills its own entries, one
 ``all_reduce`` (gloo on the CPU, NCCL on GPUs) adds the zeros of the other ranks' rows, which is exact, and every
 rank then sums the rows in chunk order. So a run on any number of ranks gives bit for bit the estimates of one
 process, and every rank holds the same result.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,24 +102,10 @@ class Shard:
         """Whether ``piece`` (a slice of units within one chunk) is this rank's to compute."""
         return self.units.start <= piece.start and piece.stop <= self.units.stop
 
-    def gather(self, pieces: list[slice], mine: list[torch.Tensor], shape, device) -> list[torch.Tensor]:
-        """Every piece's result on every rank, from this rank's results ``mine`` (of the pieces it owns, in
-        order); ``shape(piece)`` is the shape of a piece's result. One all-reduce of a float64 table in which each
-        entry is one rank's number plus zeros: exact."""
-        sizes = [math.prod(shape(c)) for c in pieces]
-        table = torch.zeros(sum(sizes), dtype=torch.float64, device=device)
-        own = iter(mine)
-        start = 0
-        for c, n in zip(pieces, sizes):
-            if self.owns(c):
-                table[start:start + n] = next(own).reshape(-1)
-            start += n
+    def reduce(self, table: torch.Tensor) -> None:
+        """Sum, in place, a float64 table in which this rank filled its own pieces' entries and left the others'
+        zero: each entry becomes one rank's number plus zeros, which is exact."""
         dist.all_reduce(table, op=dist.ReduceOp.SUM, group=self.group)
-        out, start = [], 0
-        for c, n in zip(pieces, sizes):
-            out.append(table[start:start + n].reshape(shape(c)))
-            start += n
-        return out
 
     def rule(self, rule: IntegrationRule) -> IntegrationRule:
         """``rule`` reduced to this shard's units (a copy of their draws; the rest is not kept)."""

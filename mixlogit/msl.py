@@ -128,14 +128,24 @@ class MSLProblem:
     def _map(self, fn, shape, pieces: list[slice] | None = None) -> list[torch.Tensor]:
         """``[fn(c) for c in pieces]`` (default: the chunks), ``fn`` giving a float64 tensor of ``shape(c)``.
 
-        Sharded (a torch.distributed run), this process computes its own pieces and receives the others' bit for
-        bit, so every rank sums the same numbers in the same order as one process would.
+        Each result is copied into one table allocated before the first chunk, so no small result is left behind
+        in the memory a chunk's temporaries freed (the allocator could not reuse those holes for the next chunk,
+        and memory would grow with the number of chunks). Sharded (a torch.distributed run), this process fills
+        its own pieces and the table is all-reduced: every rank sums the same numbers in one process's order.
         """
         pieces = self.chunks if pieces is None else pieces
-        if self.shard is None:
-            return map_chunks(fn, pieces, self._workers())
-        mine = map_chunks(fn, [c for c in pieces if self.shard.owns(c)], self._workers())
-        return self.shard.gather(pieces, mine, shape, self.device)
+        sizes = [math.prod(shape(c)) for c in pieces]
+        starts = np.cumsum([0, *sizes[:-1]]).tolist()
+        table = torch.zeros(sum(sizes), dtype=torch.float64, device=self.device)
+
+        def run(i):
+            table[starts[i]:starts[i] + sizes[i]] = fn(pieces[i]).reshape(-1)
+
+        mine = [i for i, c in enumerate(pieces) if self.shard is None or self.shard.owns(c)]
+        map_chunks(run, mine, self._workers())
+        if self.shard is not None:
+            self.shard.reduce(table)
+        return [table[s:s + n].view(shape(c)) for c, s, n in zip(pieces, starts, sizes)]
 
     def loglik(self, theta: np.ndarray | torch.Tensor, rule: IntegrationRule | None = None) -> float:
         th = torch.as_tensor(theta, dtype=torch.float64, device=self.device)

@@ -56,6 +56,7 @@ out.update(units=[problem.shard.units.start, problem.shard.units.stop], draw_row
            hessian=problem.hessian(theta).tolist(), loglik=problem.loglik(theta))
 res = model.fit(data, draws=draws, seed=1, distributed=True)
 out.update(params=res.params.tolist(), bse=res.bse.tolist(), fit_loglik=res.loglik, ranks=res.settings["ranks"])
+out["mixed_params"] = model.fit(data, draws=draws, seed=1, distributed=True, precision="mixed").params.tolist()
 json.dump(out, open(f"rank{rank}.json", "w"))
 dist.destroy_process_group()
 """
@@ -103,6 +104,9 @@ def test_two_gloo_ranks_reduce_to_the_one_process_numbers(panel):
         np.testing.assert_array_equal(r["params"], ref.params.to_numpy())
         np.testing.assert_array_equal(r["bse"], ref.bse.to_numpy())
         assert r["fit_loglik"] == ref.loglik
+    mixed = model.fit(data, draws=DRAWS, seed=1, precision="mixed")
+    for r in ranks:
+        np.testing.assert_array_equal(r["mixed_params"], mixed.params.to_numpy())
     # Rank 1 fitted other draws, or another model: refused on both ranks, before fitting, naming the rank and
     # what differs.
     for r in ranks:
