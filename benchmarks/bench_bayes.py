@@ -7,6 +7,9 @@ posterior mean against the MSL estimate in MSL standard errors, and ``az.loo`` (
     python benchmarks/bench_bayes.py [--guide fullrank] [--repeats 1]
     python benchmarks/bench_bayes.py --nuts          # simulated panel of 200 persons: NUTS vs SVI
     python benchmarks/bench_bayes.py --e1-nuts       # E1 by NUTS: posterior sds against MSL's SEs and SVI's
+    python benchmarks/bench_bayes.py --e1-marginal [--repeats 3] [--seed 0]
+        # default SVI (marginal guide) against NUTS (2 chains x 1,000 draws, cached under benchmarks/results/bayes_e1)
+        # and MSL at 1,000 draws, one torch thread: sd ratios, mean differences in NUTS sds, times, Pareto k
     python benchmarks/bench_bayes.py --calibration [--reps 30 --persons 60 --situations 5 --methods svi nuts]
     python benchmarks/bench_bayes.py --scale         # minibatch SVI on 100,000 persons x 10 situations
 
@@ -19,6 +22,7 @@ import argparse
 import resource
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -86,6 +90,54 @@ def electricity_nuts(args):
     for n in msl.param_names:
         print(f"{n:>8} {msl.params[n]:>8.3f} {msl.bse[n]:>6.3f} {res.params[n]:>8.3f} {res.bse[n]:>6.3f} "
               f"{res.bse[n] / msl.bse[n]:>6.2f} {svi.params[n]:>8.3f} {svi.bse[n]:>6.3f} {svi.bse[n] / msl.bse[n]:>6.2f}")
+
+
+NUTS_REFERENCE = Path(__file__).parent / "results" / "bayes_e1" / "nuts_2x1000_seed{seed}.json"
+
+
+def _e1_nuts_reference(data, model, seed):
+    """E1 by NUTS, 2 chains x 1,000 draws after 1,000 warmup: read from its file when an earlier run saved it
+    (about 9 minutes on one thread here), else fitted and saved."""
+    path = Path(str(NUTS_REFERENCE).format(seed=seed))
+    if path.exists():
+        return ml.load(path), f"read from {path.relative_to(Path(__file__).parent.parent)}"
+    res = model.fit(data, method="nuts", num_samples=1000, num_warmup=1000, chains=2, seed=seed)
+    res.save(path)
+    return res, f"fitted now and saved to {path.relative_to(Path(__file__).parent.parent)}"
+
+
+def electricity_marginal(args):
+    """The default SVI (marginal guide) on E1 against NUTS, and its time against MSL at 1,000 draws."""
+    import torch
+
+    torch.set_num_threads(1)
+    data, model = _e1()
+    nuts, where = _e1_nuts_reference(data, model, seed=0)
+    _warm_up_torch_optim()
+    t_msl, t_svi = [], []
+    for r in range(args.repeats):  # interleaved, so both see the same machine state
+        t = time.perf_counter()
+        model.fit(data, draws=1000)
+        t_msl.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        svi = model.fit(data, method="svi", seed=args.seed)
+        t_svi.append(time.perf_counter() - t)
+    tm, ts = float(np.median(t_msl)), float(np.median(t_svi))
+    ratio = svi.bse / nuts.bse
+    diff = (svi.params - nuts.params) / nuts.bse
+    print(f"E1, one torch thread. NUTS 2 chains x 1000 draws ({nuts.fit_time:.0f} s when fitted; {where}); "
+          f"SVI guide={svi.settings['guide']}, {svi.settings['marginal_draws']} importance points per person, "
+          f"{svi.n_iter} steps, seed {args.seed}")
+    print(f"{'param':>8} {'NUTS':>8} {'sd':>6} {'SVI':>8} {'sd':>6} {'sd ratio':>9} {'(SVI-NUTS)/sd':>14}")
+    for n in nuts.param_names:
+        print(f"{n:>8} {nuts.params[n]:>8.3f} {nuts.bse[n]:>6.3f} {svi.params[n]:>8.3f} {svi.bse[n]:>6.3f} "
+              f"{ratio[n]:>9.2f} {diff[n]:>14.2f}")
+    print(f"sd ratios {ratio.min():.2f}-{ratio.max():.2f} (all in [0.8, 1.25]: "
+          f"{bool(((ratio >= 0.8) & (ratio <= 1.25)).all())}); max |mean difference| {diff.abs().max():.2f} NUTS sd "
+          f"(all < 0.5: {bool((diff.abs() < 0.5).all())})")
+    print(f"time, median of {args.repeats}: MSL (1000 Halton draws) {tm:.2f} s, SVI {ts:.2f} s, ratio MSL/SVI "
+          f"{tm / ts:.2f} (SVI no slower: {ts <= tm})")
+    print(f"trust check: {svi.trust_check()}")
 
 
 def _warm_up_torch_optim():
@@ -171,6 +223,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nuts", action="store_true")
     ap.add_argument("--e1-nuts", action="store_true", help="E1 by NUTS against MSL and SVI")
+    ap.add_argument("--e1-marginal", action="store_true", help="E1: default SVI against NUTS (cached) and MSL")
     ap.add_argument("--calibration", action="store_true")
     ap.add_argument("--scale", action="store_true")
     ap.add_argument("--guide", default="fullrank")
@@ -187,6 +240,8 @@ def main():
         nuts(args)
     elif args.e1_nuts:
         electricity_nuts(args)
+    elif args.e1_marginal:
+        electricity_marginal(args)
     elif args.calibration:
         calibration(args)
     elif args.scale:

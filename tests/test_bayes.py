@@ -35,7 +35,7 @@ def sim():
 
 @pytest.fixture(scope="module")
 def svi(sim):
-    return sim.model.fit(sim.data, method="svi", steps=1500, seed=0)
+    return sim.model.fit(sim.data, method="svi", guide="fullrank", steps=1500, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------- priors
@@ -176,7 +176,7 @@ def test_svi_recovers_the_truth_and_reports_like_msl(sim, svi):
 
 
 def test_svi_is_reproducible_with_a_seed(sim, svi):
-    again = sim.model.fit(sim.data, method="svi", steps=1500, seed=0)
+    again = sim.model.fit(sim.data, method="svi", guide="fullrank", steps=1500, seed=0)
     np.testing.assert_array_equal(again.draws, svi.draws)
 
 
@@ -307,7 +307,7 @@ def test_nan_elbo_stops_keeps_the_best_parameters_and_says_why(sim, monkeypatch)
 
     monkeypatch.setattr(bayes_model, "conditional_loglik", broken)
     with pytest.warns(RuntimeWarning, match=r"ELBO is NaN/infinite at step \d+; .*smaller learning_rate"):
-        res = sim.model.fit(sim.data, method="svi", steps=400, seed=0)
+        res = sim.model.fit(sim.data, method="svi", guide="fullrank", steps=400, seed=0)
     assert not res.converged and "NaN" in res.message
     assert np.isfinite(res.draws).all()
     assert (((res.params - sim.truth) / res.bse).abs() < 4).all()

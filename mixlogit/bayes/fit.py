@@ -37,15 +37,19 @@ SVI_OPTIONS, NUTS_OPTIONS = OPTIONS["svi"], OPTIONS["nuts"]
 def fit(model, data: ChoiceData, method: str = "svi", **kwargs) -> BayesResults:
     """Bayesian estimation of ``model`` on ``data``; called by ``MixedLogit.fit(data, method="svi" | "nuts")``.
 
-    SVI keywords: ``steps=3000`` (most steps; it usually stops after 500 to 1000), ``guide="fullrank"``
-    ("meanfield", "fullrank" or "amortized", see :mod:`mixlogit.bayes.guides`), ``subsample=None`` (units per
-    step: minibatch SVI, ``pyro.plate("person", N, subsample_size=subsample)``), ``learning_rate=0.01`` (Adam;
+    SVI keywords: ``steps=3000`` (most steps; it usually stops after 100 to 1000), ``guide=None``: ``"marginal"``
+    (the population parameters alone, units integrated out: :mod:`mixlogit.bayes.marginal`), or with
+    ``subsample`` ``"fullrank"``; also "meanfield" and "amortized" (see :mod:`mixlogit.bayes.guides`),
+    ``subsample=None`` (units per step: minibatch SVI with a unit-level guide,
+    ``pyro.plate("person", N, subsample_size=subsample)``), ``learning_rate=0.01`` (Adam;
     the standardized population parameters take 5x), ``seed=0``, ``priors=None`` (see
     :mod:`mixlogit.bayes.priors`), ``progress=False``, ``init="msl"`` (pilot MSL start) or ``"mnl"``,
     ``tol=1e-4`` (relative change of the windowed ELBO that counts as converged), ``window=None`` (steps per ELBO
     window, default ``clip(steps // 60, 50, 100)``, fewer when ``steps`` is small), ``num_draws=4000`` (posterior
     draws kept), ``init_draws=200``, ``init_units=2000`` (draws and units of the pilot fit),
-    ``num_particles=1`` (ELBO particles per step, vectorized).
+    ``num_particles=1`` (ELBO particles per step, vectorized), ``marginal_draws=256`` (importance points per unit
+    of the marginal likelihood, even), ``trust_draws=200`` (draws of the guide for the trust check, the Pareto k
+    of p/q: :mod:`mixlogit.bayes.trust`; 0 skips it).
 
     NUTS keywords: ``num_samples=1000``, ``num_warmup=1000``, ``chains=2``, ``seed=0``, ``priors=None``,
     ``progress=False``, ``init="msl"``, ``target_accept=0.8``, ``max_tree_depth=10``.

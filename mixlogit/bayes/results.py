@@ -16,6 +16,7 @@ from ..results_base import FitResults
 from ..spec import Spec
 from ..validation import check_bool
 from .samplers import StoredSampler, SVISampler, random_rows, thin
+from .trust import TrustCheck
 
 #: The format field of Bayesian results files (the name is the module's before it moved into the package; saved
 #: files keep it), which :func:`mixlogit.load` also reads.
@@ -45,7 +46,8 @@ class BayesResults(FitResults):
     Attributes: ``params`` (posterior means), ``bse`` (posterior sds), ``conf_int()`` (equal-tailed credible
     intervals), ``draws`` ((chains, draws, P) population draws, Spec layout, spreads positive), ``elbo`` (SVI:
     ELBO per step), ``sample_stats`` (NUTS: ``diverging``, ``tree_depth`` per draw), ``converged``,
-    ``message``, ``priors`` (parameter -> prior), ``settings``, ``fit_time``.
+    ``message``, ``priors`` (parameter -> prior), ``settings``, ``fit_time``; SVI: :meth:`trust_check` (the
+    Pareto k of p/q, :mod:`mixlogit.bayes.trust`).
     """
 
     FORMAT = FORMAT
@@ -54,7 +56,7 @@ class BayesResults(FitResults):
 
     def __init__(self, *, method, model, spec: Spec, draws, individual_mean, individual_sd, unit_labels, elbo,
                  sample_stats, converged, message, n_iter, settings, priors, fit_time, n_obs, n_units, sampler=None,
-                 data=None):
+                 data=None, trust: TrustCheck | None = None):
         super().__init__(model=model, spec=spec, settings=settings, fit_time=fit_time, n_obs=n_obs,
                          n_units=n_units)
         self.method = method
@@ -73,6 +75,7 @@ class BayesResults(FitResults):
         self.sample_stats = {k: np.asarray(v) for k, v in (sample_stats or {}).items()}
         self.converged, self.message, self.n_iter = bool(converged), str(message), int(n_iter)
         self.priors = dict(priors)
+        self.trust = trust
         # The sampler draws from the fitted posterior (individual draws included) while the fit is in memory;
         # results read from a file keep their population draws only. ``_data`` is the estimation data, the
         # default of :meth:`to_arviz`.
@@ -137,6 +140,9 @@ class BayesResults(FitResults):
         if self.elbo is not None and len(self.elbo):
             w = int(s.get("window", 100))
             head.append(f"ELBO (mean of the last {min(w, len(self.elbo))} steps): {np.mean(self.elbo[-w:]):.3f}")
+        if self.method == "svi":
+            head.append(f"trust check: {self.trust}" if self.trust is not None else
+                        "trust check: not computed (trust_draws=0)")
         if "diverging" in self.sample_stats:
             head.append(f"divergences: {int(self.sample_stats['diverging'].sum())}   max tree depth: "
                         f"{int(self.sample_stats['tree_depth'].max()) if self.sample_stats['tree_depth'].size else 0}")
@@ -150,6 +156,18 @@ class BayesResults(FitResults):
     def __repr__(self):
         return (f"<BayesResults {self.method} params={self.n_params} draws={self.draws.shape[0] * self.draws.shape[1]} "
                 f"converged={self.converged}>")
+
+    def trust_check(self) -> TrustCheck:
+        """The trust check of an SVI fit: the Pareto k of the importance ratios p/q of the population parameters
+        (``.pareto_k``, ``.usable`` for k < 0.7, ``.reading()``); see :mod:`mixlogit.bayes.trust`."""
+        if self.method != "svi":
+            raise ValueError(f"the trust check (Pareto k of p/q) applies to SVI results: it asks how far the "
+                             f"variational guide q is from the posterior p; a {self.method.upper()} fit draws from "
+                             f"the posterior itself, so check its r_hat and ess_bulk (summary_frame()) and "
+                             f"divergences (sample_stats) instead")
+        if self.trust is None:
+            raise ValueError("this SVI fit ran without a trust check (trust_draws=0); refit with trust_draws=200")
+        return self.trust
 
     # ------------------------------------------------------------------ draws
     def posterior(self, n: int = 1000, seed: int = 0, individual: bool | None = None) -> PosteriorDraws:
@@ -201,7 +219,10 @@ class BayesResults(FitResults):
     def heterogeneity(self, level: float = 0.9, n: int = 2000) -> pd.DataFrame:
         """The heterogeneity table: posterior means and equal-tailed credible intervals over (at most ``n``)
         posterior draws."""
-        return heterogeneity_from_draws(self.spec, self.parameter_draws(n), level)
+        table = heterogeneity_from_draws(self.spec, self.parameter_draws(n), level)
+        if self.trust is not None:
+            table.attrs["trust"] = str(self.trust)
+        return table
 
     def individual_estimates(self, data: ChoiceData | None = None) -> pd.DataFrame | None:
         """The posterior means and sds of the estimation units' coefficients, or None where they were not kept."""
@@ -249,6 +270,9 @@ class BayesResults(FitResults):
         if self.elbo is not None:
             stats = xr.Dataset({"elbo": (("svi_step",), self.elbo)},
                                coords={"svi_step": np.arange(1, len(self.elbo) + 1)})
+            if self.trust is not None:  # the trust check: one value for the fit
+                stats["pareto_k"] = ((), self.trust.pareto_k)
+                stats["pareto_k"].attrs["reading"] = self.trust.reading()
         elif self.sample_stats:
             ss = {k: (("chain", "draw"), v if v.shape[:2] == (C, S) else v[:, thin(v.shape[1], S)])
                   for k, v in self.sample_stats.items()}
@@ -270,7 +294,7 @@ class BayesResults(FitResults):
             "sample_stats": {k: v.tolist() for k, v in self.sample_stats.items()},
             "converged": self.converged, "message": self.message, "n_iter": self.n_iter,
             "settings": self.settings, "priors": self.priors, "fit_time": self.fit_time, "n_obs": self.n_obs,
-            "n_units": self.n_units,
+            "n_units": self.n_units, "trust": None if self.trust is None else self.trust.to_dict(),
         }
 
     @classmethod
@@ -279,4 +303,5 @@ class BayesResults(FitResults):
                    individual_mean=d["individual_mean"], individual_sd=d["individual_sd"],
                    unit_labels=d["unit_labels"], elbo=d["elbo"], sample_stats=d["sample_stats"],
                    converged=d["converged"], message=d["message"], n_iter=d["n_iter"], settings=d["settings"],
-                   priors=d["priors"], fit_time=d["fit_time"], n_obs=d["n_obs"], n_units=d["n_units"])
+                   priors=d["priors"], fit_time=d["fit_time"], n_obs=d["n_obs"], n_units=d["n_units"],
+                   trust=TrustCheck.from_dict(d.get("trust")))

@@ -51,8 +51,10 @@ def _write(res, out: Path, data: ChoiceData | None, fmt: str, level: float) -> P
     if fmt == "md":
         parts = [f"# {title}", "", "## Summary", "", "```", res.summary(), "```", ""]
         if het is not None:
-            parts += ["## Heterogeneity", "", f"Intervals: {het.attrs['interval']}.", "",
-                      markdown_table(heterogeneity_display(het)), ""]
+            parts += ["## Heterogeneity", "", f"Intervals: {het.attrs['interval']}.", ""]
+            if "trust" in het.attrs:
+                parts += [f"Trust check of the variational fit: {het.attrs['trust']}.", ""]
+            parts += [markdown_table(heterogeneity_display(het)), ""]
         if loo is not None:
             parts += ["## Leave-one-out cross-validation (az.loo)", "", markdown_table(loo[0]), "",
                       markdown_table(loo[1]), ""]
@@ -62,8 +64,10 @@ def _write(res, out: Path, data: ChoiceData | None, fmt: str, level: float) -> P
         parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
                  f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", f"<pre>{html.escape(res.summary())}</pre>"]
         if het is not None:
-            parts += ["<h2>Heterogeneity</h2>", f"<p>Intervals: {html.escape(het.attrs['interval'])}.</p>",
-                      heterogeneity_display(het).to_html()]
+            parts += ["<h2>Heterogeneity</h2>", f"<p>Intervals: {html.escape(het.attrs['interval'])}.</p>"]
+            if "trust" in het.attrs:
+                parts += [f"<p>Trust check of the variational fit: {html.escape(het.attrs['trust'])}.</p>"]
+            parts += [heterogeneity_display(het).to_html()]
         if loo is not None:
             parts += ["<h2>Leave-one-out cross-validation (az.loo)</h2>", loo[0].to_html(), loo[1].to_html()]
         parts += ["<h2>Plots</h2>"] + [f"<p><img src='{p.name}' alt='{k}'></p>" for k, p in plots.items()]
