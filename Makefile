@@ -21,9 +21,9 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/mixlogit fit --dataset electricity --draws 1000 --out out/electricity --overwrite
 
-## MixDPO on a tiny GPT-NeoX and the synthetic pluralistic task (under 10 minutes on 2 cores).
+## DPO against MixDPO on the synthetic pluralistic task, 3 seeds of a tiny GPT-NeoX (about 2 minutes on 2 cores).
 demo-mixdpo: install
-	$(BIN)/mixdpo demo
+	$(BIN)/mixdpo demo --output out/mixdpo-demo --overwrite
 
 ## The whole test suite (statistical checks included).
 test: install

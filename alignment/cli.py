@@ -7,8 +7,10 @@ Subcommands (implemented in :mod:`alignment.commands`):
 - ``mixdpo evaluate --model DIR --ref-model DIR --data FILE [--group-column group]``
 - ``mixdpo report RUN_DIR`` (PNG plots of the learned distribution and per-pair strengths, a metrics table; for
   an annotator-level run also the per-annotator caterpillar plot and the per-group table)
-- ``mixdpo demo [--model tiny|smollm2]``: DPO against MixDPO on the synthetic pluralistic task with a tiny
-  GPT-NeoX built from a config (default), or a few LoRA MixDPO steps on SmolLM2-135M-Instruct (``make smollm2``).
+- ``mixdpo demo [--model tiny|smollm2]``: DPO against three MixDPO variants on the pluralistic benchmark's task over
+  3 seeds with tiny GPT-NeoX models built from a config (default: the true and fitted strength distributions, a
+  takeaway, and demo.md, demo.csv and two PNGs in ``--output``), or a few LoRA MixDPO steps on
+  SmolLM2-135M-Instruct (``make smollm2``).
 
 Every option's help ends with its default (``mixdpo train --help``). ``train`` also takes ``--threads N`` (torch's
 intra-op threads), ``--report-to`` (transformers' ``report_to``: none, all, tensorboard, wandb, ...) and
@@ -35,9 +37,12 @@ from .commands import (
     report_command,
     train_command,
 )
+from .demo import check_demo
 from .models import offline_hub
 from .panel import STRENGTH_LEVELS
+from .run_checks import STRENGTH_UPDATES
 from .strength import STRENGTHS
+from .synthetic import LEVELS
 
 __all__ = [
     "build_parser",
@@ -122,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fix-mean", action=argparse.BooleanOptionalAction, default=True,
                    help="pin E[beta] to --beta and learn only the spread (the default, as the pluralistic benchmark "
                    "supports); --no-fix-mean learns the mean too")
+    t.add_argument("--strength-update", choices=STRENGTH_UPDATES, default=None,
+                   help="refit: phi is refitted on every pair's cached margin every 10 steps and when training ends "
+                   "(the pluralistic benchmark's setting); gradient: phi moves with the optimizer, at --strength-lr "
+                   "(default: refit for a random --strength on a deterministic --integrator, else gradient)")
     t.add_argument("--objective", default="marginal", help="marginal | expected")
     t.add_argument("--group-column", help="subgroup or annotator column (macro accuracy; default: none)")
     t.add_argument("--strength-level", choices=STRENGTH_LEVELS, default="pair",
@@ -176,15 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an earlier report.md and plots in --out")
     r.set_defaults(func=report_command, check=check_report)
 
-    d = command("demo", "DPO vs MixDPO on the synthetic pluralistic task (tiny model), or SmolLM2")
+    d = command("demo", "DPO vs MixDPO on the synthetic pluralistic task over seeds (tiny model), or SmolLM2")
     d.add_argument("--model", default="tiny", choices=["tiny", "smollm2"], help="which demo")
-    d.add_argument("--pairs", type=positive_int, default=1200, help="synthetic pairs (tiny)")
-    d.add_argument("--heterogeneity", type=float, default=1.5, help="spread of the annotators' strengths (tiny)")
+    d.add_argument("--pairs", type=positive_int, default=2000, help="training pairs of each seed's task (tiny)")
+    d.add_argument("--test-pairs", type=positive_int, default=2000, help="held-out pairs of each seed's task (tiny)")
+    d.add_argument("--heterogeneity", type=float, default=1.5, choices=LEVELS,
+                   help="sd of the annotators' log-strengths (tiny)")
+    d.add_argument("--beta", type=positive_float, default=1.0,
+                   help="DPO's beta, and the pinned mean of the MixDPO strengths (tiny; 1 is DPO's best beta on "
+                   "this task's validation pairs in the README's benchmark)")
     d.add_argument("--steps", type=positive_int, default=None,
                    help="training steps per method (default: 150 for tiny, 5 for smollm2)")
     d.add_argument("--pretrain-steps", type=non_negative_int, default=200, help="pretraining steps of the tiny LM")
-    d.add_argument("--seed", type=int, default=0, help="seed of the task and the models")
-    d.add_argument("--output", help="output directory of the smollm2 demo (default: ./mixdpo-smollm2)")
+    d.add_argument("--seed", type=int, default=0, help="first seed of the tasks and the models")
+    d.add_argument("--seeds", type=positive_int, default=3, help="seeds to run, from --seed on (tiny)")
+    d.add_argument("--output", help="output folder (default: ./mixdpo-demo for tiny, ./mixdpo-smollm2 for "
+                   "smollm2); the tiny demo writes demo.md, demo.csv and two PNGs there")
+    d.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --output")
     d.add_argument(
         "--threads",
         type=positive_int,
@@ -192,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default 1: spinning OpenMP threads are slow on a loaded machine; "
         "try 2 on an idle 2-core machine for SmolLM2)",
     )
-    d.set_defaults(func=demo_command)
+    d.set_defaults(func=demo_command, check=check_demo)
     return p
 
 
@@ -203,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     if a.command == "demo" and a.steps is None:
         a.steps = 5 if a.model == "smollm2" else 150
+    if a.command == "demo" and a.output is None and a.model == "tiny":
+        a.output = "mixdpo-demo"
     try:
         check = getattr(a, "check", None)
         if check is not None:  # flags argparse's types cannot check alone, before any data or model is loaded

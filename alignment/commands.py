@@ -263,8 +263,7 @@ def train_command(a) -> int:
         group_column=a.group_column,
         strength_level=a.strength_level,
         annotator_column=a.annotator_column,
-        # The panel's phi is refitted on every cached margin (the one update it has); pairs keep the gradient.
-        strength_update="refit" if a.strength_level == "annotator" else "gradient",
+        strength_update=a.strength_update,  # None: MixDPOConfig's default (refit where there is a phi to fit)
         beta=a.beta,
         learning_rate=a.lr,
         num_train_epochs=a.epochs,
@@ -431,7 +430,7 @@ def _annotator_section(folder: str) -> str:
 
 
 def demo_command(a) -> int:
-    """``mixdpo demo``: DPO against MixDPO on the tiny synthetic task, or a few SmolLM2 LoRA steps."""
+    """``mixdpo demo``: DPO against MixDPO on the synthetic pluralistic task over seeds, or a few SmolLM2 LoRA steps."""
     import torch
 
     trl_side = _trl_side()
@@ -441,6 +440,8 @@ def demo_command(a) -> int:
     if a.model == "smollm2":
         trl_side.demo_smollm2(a.output or os.path.join(os.getcwd(), "mixdpo-smollm2"), a.steps, a.seed)
     else:
-        trl_side.demo_tiny(a.pairs, a.heterogeneity, a.seed, a.steps, a.pretrain_steps)
-    return 0
+        from .demo import run_demo
 
+        run_demo(a.output, a.overwrite, a.heterogeneity, tuple(range(a.seed, a.seed + a.seeds)), a.pairs, a.test_pairs,
+                 a.steps, a.pretrain_steps, a.beta)
+    return 0

@@ -17,10 +17,11 @@ from mixlogit.validation import check_bool, check_choice, check_count, check_non
 
 from .losses import check_objective
 from .panel import STRENGTH_LEVELS, panel_integrator
+from .run_checks import STRENGTH_UPDATES
 from .strength import default_strength_init, parse_strength_init, strength_class
 
 __all__ = ["STRENGTH_LEVELS", "STRENGTH_LR_CAP", "STRENGTH_LR_MULTIPLIER", "STRENGTH_UPDATES", "MixDPOConfig",
-           "check_supported", "checkpointing_default", "default_bf16", "resolve_checkpointing", "to_mixdpo_config"]
+           "check_supported", "checkpointing_default", "default_bf16", "default_strength_update", "resolve_checkpointing", "to_mixdpo_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 # jumping by more than about 1% of its scale per step when the policy rate is itself large.
 STRENGTH_LR_MULTIPLIER = 1000.0
 STRENGTH_LR_CAP = 1e-2
-#: How phi is trained (``MixDPOConfig.strength_update``).
-STRENGTH_UPDATES = ("gradient", "refit")
 
 
 @dataclass
@@ -73,14 +72,17 @@ class MixDPOConfig(DPOConfig):
         strength_learnable (`bool`, defaults to `False`):
             Learn the point strength's beta (a learned-beta DPO: `strength="point"`, beta starting at `beta`). The
             other families' parameters are always learned.
-        strength_update (`str`, defaults to `"gradient"`):
-            How phi is trained. `"gradient"`: jointly with the policy by the optimizer (Adam at
+        strength_update (`str`, *optional*):
+            How phi is trained. `"refit"`: every pair's latest margin h is kept (refreshed when the pair is in a
+            batch), and every `strength_refit_steps` optimizer steps phi is set to the maximum of the objective over
+            all cached margins (L-BFGS on the 1-3 scalars, no LM forward pass); when training ends one no-grad pass
+            refreshes every margin and phi is refitted once more, so the reported phi is a stationary point of the
+            objective on the final policy's margins. `"gradient"`: jointly with the policy by the optimizer (Adam at
             `strength_learning_rate`), which moves phi by about its learning rate per step whatever the gradient,
-            so after a short run phi sits wherever it had got to. `"refit"`: every pair's latest margin h is kept
-            (refreshed when the pair is in a batch), and every `strength_refit_steps` optimizer steps phi is set to
-            the maximum of the objective over all cached margins (L-BFGS on the 1-3 scalars, no LM forward pass);
-            when training ends one no-grad pass refreshes every margin and phi is refitted once more, so the
-            reported phi is a stationary point of the objective on the final policy's margins.
+            so after a short run phi sits wherever it had got to. None (the default): `"refit"` for a strength
+            with something to fit (a random family on a deterministic rule, or a learnable point), the setting
+            the pluralistic benchmark measured; `"gradient"` otherwise (a frozen point, or Monte Carlo rules, whose
+            objective is not a fixed function to maximize).
         strength_refit_steps (`int`, defaults to `10`):
             Optimizer steps between refits (`strength_update="refit"`).
         strength_refresh_steps (`int`, *optional*):
@@ -123,7 +125,7 @@ class MixDPOConfig(DPOConfig):
     strength_fix_mean: bool = field(default=True, metadata={"help": "pin E[beta] to beta (False: learn it)"})
     objective: str = field(default="marginal", metadata={"help": "marginal | expected"})
     strength_learnable: bool = field(default=False, metadata={"help": "learn the point strength's beta"})
-    strength_update: str = field(default="gradient", metadata={"help": "gradient | refit"})
+    strength_update: str | None = field(default=None, metadata={"help": "refit | gradient (None: refit if any)"})
     strength_refit_steps: int = field(default=10, metadata={"help": "steps between refits of phi"})
     strength_refresh_steps: int | None = field(default=None, metadata={"help": "steps between margin refreshes"})
     group_column: str | None = field(default=None, metadata={"help": "subgroup or annotator column"})
@@ -142,6 +144,9 @@ class MixDPOConfig(DPOConfig):
         check_count("strength_nodes", self.strength_nodes, allow_none=True)
         check_bool("strength_fix_mean", self.strength_fix_mean)
         check_bool("strength_learnable", self.strength_learnable)
+        if self.strength_update is None:
+            self.strength_update = default_strength_update(self.strength, self.strength_integrator,
+                                                           self.strength_learnable)
         check_choice("strength_update", self.strength_update, STRENGTH_UPDATES)
         check_count("strength_refit_steps", self.strength_refit_steps)
         check_count("strength_refresh_steps", self.strength_refresh_steps, allow_none=True)
@@ -191,6 +196,15 @@ class MixDPOConfig(DPOConfig):
         if self.strength_learning_rate is not None:
             return float(self.strength_learning_rate)
         return min(STRENGTH_LR_MULTIPLIER * self.learning_rate, STRENGTH_LR_CAP)
+
+
+def default_strength_update(strength: str, integrator: str | None, learnable: bool) -> str:
+    """``MixDPOConfig.strength_update`` when it is not given: ``"refit"`` when there is something to fit on a fixed
+    objective (a random family, or a learnable point, on a deterministic rule), ``"gradient"`` otherwise."""
+    cls = strength_class(strength)
+    has_free = learnable or not cls.fixed_in_training
+    rule = integrator if integrator is not None else (cls.integrators[0] if cls.integrators else None)
+    return "refit" if has_free and rule not in ("mc", "qmc") else "gradient"
 
 
 def default_bf16(fp16: bool = False, use_cpu: bool = False) -> bool:

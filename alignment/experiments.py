@@ -1,55 +1,39 @@
-"""The experiment harness: DPO against MixDPO variants trained from one base model, and the two demos.
+"""The experiment harness: DPO against MixDPO variants trained from one base model, and the SmolLM2 demo.
 
-Public, so that the benchmarks (``benchmarks/bench_pluralistic.py``, ``benchmarks/bench_trainer_step.py``) and the
-``mixdpo demo`` command share one implementation: :func:`trainer_kwargs` (the trainer settings of a tiny CPU
-run), :func:`make_trainer` (TRL's own ``DPOTrainer`` for the DPO baseline, :class:`~alignment.trainer.MixDPOTrainer`
-otherwise), :func:`run_methods` (train and evaluate each method), :func:`prepare_tiny_task` (the synthetic
-pluralistic task and a tiny GPT-NeoX), :func:`with_explicit_prompt` (TRL's split of implicit-prompt pairs, before
-an evaluation) and the SmolLM2 demo's settings and pairs. This is the TRL side: it re-exports ``MixDPOConfig`` and
+Public, so that the benchmarks (``benchmarks/pluralistic_runs.py``, ``benchmarks/bench_trainer_step.py``) and the
+``mixdpo demo`` command (:mod:`alignment.demo`) share one implementation: :func:`trainer_kwargs` (the trainer
+settings of a tiny CPU run), :func:`make_trainer` (TRL's own ``DPOTrainer`` for the DPO baseline,
+:class:`~alignment.trainer.MixDPOTrainer` otherwise), :func:`preferred_probability` (each method's model of the
+held-out labels), :func:`with_explicit_prompt` (TRL's split of implicit-prompt pairs, before an evaluation) and the
+SmolLM2 demo's settings and pairs. This is the TRL side: it re-exports ``MixDPOConfig`` and
 ``MixDPOTrainer``, so :mod:`alignment.commands` reaches all of TRL through one deferred import of this module.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import time
 from typing import Any
 
+import numpy as np
 from trl import DPOConfig, DPOTrainer
 from trl.data_utils import maybe_extract_prompt
 
-from mixlogit.tables import markdown_table
-
-from . import synthetic
 from .config import MixDPOConfig
-from .evaluate import evaluate
 from .models import load_smollm2, smollm2_dir
 from .trainer import MixDPOTrainer
 
 __all__ = [
-    "DEFAULT_METHODS",
     "MixDPOConfig",
     "MixDPOTrainer",
     "demo_smollm2",
-    "demo_tiny",
     "make_trainer",
-    "prepare_tiny_task",
-    "run_methods",
+    "preferred_probability",
     "smollm2_pairs",
     "smollm2_setup",
     "trainer_kwargs",
     "with_explicit_prompt",
 ]
-
-#: Methods of the synthetic comparison: (label, MixDPOConfig overrides).
-DEFAULT_METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("DPO", {"strength": "point"}),
-    ("MixDPO-LogNormal", {"strength": "lognormal"}),
-    ("MixDPO-Gamma", {"strength": "gamma"}),
-]
-
 
 def with_explicit_prompt(dataset):
     """``dataset`` with an explicit ``prompt``, for :func:`alignment.evaluate.evaluate`, which takes no other.
@@ -61,6 +45,25 @@ def with_explicit_prompt(dataset):
     if "prompt" in (dataset.column_names or ()):
         return dataset
     return dataset.map(maybe_extract_prompt)
+
+
+def preferred_probability(trainer, strength, h: np.ndarray, split, name: str) -> np.ndarray:
+    """P(chosen preferred) of each pair of ``split`` (shape (n,)) under the run's model of the labels.
+
+    Per-pair models integrate beta over the learned population; annotator-level (panel) MixDPO predicts a pair of
+    a training annotator from that annotator's posterior ``q_a`` (its training pairs' final margins), the
+    posterior predictive its own evaluation loss uses, and an unseen annotator's from the population.
+    ``name`` names the split in errors about its annotators.
+    """
+    import torch
+
+    hh = torch.as_tensor(h, dtype=torch.float64)
+    panel = getattr(trainer, "panel", None)
+    with torch.no_grad():
+        if panel is None:
+            return torch.exp(strength.log_prob_preferred(hh)).numpy()
+        ids = panel.index.ids(split[panel.index.column], name)
+        return torch.exp(-panel.pair_losses(strength, trainer.margin_cache, hh, ids, train=False)).numpy()
 
 
 def trainer_kwargs(
@@ -149,129 +152,6 @@ def smollm2_setup(output_dir: str, steps: int, learning_rate: float = 1e-4, seed
         r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]
     )
     return MixDPOConfig(**kw), lora
-
-
-def run_methods(
-    train,
-    test,
-    tokenizer,
-    base_model,
-    methods=None,
-    steps: int = 150,
-    lr: float = 5e-4,
-    beta: float = 0.1,
-    batch_size: int = 16,
-    max_length: int = 32,
-    seed: int = 0,
-    progress: bool = True,
-    output_dir: str | None = None,
-    group_column: str = "group",
-    trainer_callback=None,
-) -> list[dict[str, Any]]:
-    """Train DPO and MixDPO variants from the same base model and evaluate them on held-out pairs.
-
-    Args:
-        train, test: preference datasets (``test`` ideally relabeled by the oracle).
-        tokenizer, base_model: the starting policy, also the frozen reference (deep-copied per method).
-        methods: ``[(label, MixDPOConfig overrides)]``; ``{"strength": "point"}`` runs ``trl.DPOTrainer``
-            itself (the baseline is TRL's, not ours). Default :data:`DEFAULT_METHODS`.
-        steps, lr, beta, batch_size, max_length, seed: shared training settings.
-        progress: show the trainer's progress bars.
-        output_dir: scratch directory of the trainers (default: a temporary directory).
-        group_column: group column of ``test`` for macro accuracy.
-        trainer_callback: called as ``fn(label, trainer)`` after training, e.g. to collect diagnostics.
-
-    Returns:
-        One dict per method: ``method``, ``acc`` and ``acc_macro`` (held-out preference accuracy, micro and over
-        groups), ``margin`` (mean held-out margin h, nats), ``beta_mean``, ``cv`` (learned), ``train_s``
-        (training wall time, s), ``s_per_step``.
-    """
-    methods = DEFAULT_METHODS if methods is None else methods
-    test = with_explicit_prompt(test)  # the trainers split their own data; evaluate needs explicit prompts
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out_root = output_dir or tmp
-        for label, overrides in methods:
-            kw = trainer_kwargs(
-                os.path.join(out_root, label), steps, lr, beta, batch_size, max_length, seed, progress
-            )
-            trainer = make_trainer(base_model, tokenizer, train, kw, overrides)
-            policy, ref = trainer.model, trainer.ref_model
-            if not progress:  # without progress bars the trainer prints every log dict instead; keep quiet
-                from transformers.trainer_callback import PrinterCallback
-
-                trainer.remove_callback(PrinterCallback)
-            t0 = time.perf_counter()
-            trainer.train()
-            train_s = time.perf_counter() - t0
-            res = evaluate(policy, ref, test, tokenizer, group_column=group_column, max_length=max_length)
-            strength = getattr(trainer, "strength", None)
-            row = {
-                "method": label,
-                "acc": res["accuracy"],
-                "acc_macro": res["accuracy_macro"],
-                "margin": res["margin_mean"],
-                "beta_mean": float(strength.mean().detach()) if strength is not None else beta,
-                "cv": float(strength.cv().detach()) if strength is not None else 0.0,
-                "train_s": train_s,
-                "s_per_step": train_s / steps,
-            }
-            if trainer_callback is not None:
-                trainer_callback(label, trainer)
-            rows.append(row)
-    return rows
-
-
-def prepare_tiny_task(
-    n_pairs: int = 1200,
-    heterogeneity: float = 1.0,
-    seed: int = 0,
-    groups: int = 4,
-    pretrain_steps: int = 200,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    progress: bool = True,
-):
-    """The synthetic pluralistic task and a tiny GPT-NeoX briefly pretrained on its text.
-
-    Returns:
-        ``(train, test, tokenizer, model)``: ``test`` is 25% of the pairs, relabeled by the oracle.
-    """
-    ds = synthetic.pluralistic_task(n_pairs, groups, heterogeneity, seed)
-    train, test = synthetic.train_test_split(ds, test_size=0.25, seed=seed)
-    texts = synthetic.task_texts(train)
-    tokenizer = synthetic.build_tokenizer(texts)
-    model = synthetic.tiny_gpt_neox(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
-    synthetic.pretrain(model, tokenizer, texts, steps=pretrain_steps, seed=seed, progress=progress)
-    return train, test, tokenizer, model
-
-
-def demo_tiny(pairs: int, heterogeneity: float, seed: int, steps: int, pretrain_steps: int) -> list[dict[str, Any]]:
-    """``mixdpo demo``: DPO and three MixDPO variants on the tiny synthetic task; prints and returns the table."""
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    print(
-        f"MixDPO demo: synthetic pluralistic task, {pairs} pairs, 4 groups, heterogeneity {heterogeneity}; "
-        f"tiny GPT-NeoX built from a config (hidden 64, 2 layers), seed {seed}."
-    )
-    train, test, tok, model = prepare_tiny_task(pairs, heterogeneity, seed, pretrain_steps=pretrain_steps)
-    methods = DEFAULT_METHODS + [
-        ("MixDPO-LogNormal-fixmean", {"strength": "lognormal", "strength_fix_mean": True})
-    ]
-    rows = []
-    for label, overrides in tqdm(methods, desc="Methods"):
-        rows += run_methods(
-            train, test, tok, model, [(label, overrides)], steps=steps, seed=seed, progress=True
-        )
-    print()
-    print(
-        f"Held-out pairs ({len(test)}, relabeled by the oracle): preference accuracy (micro / macro over groups), "
-        "mean margin h (nats), learned E[beta] and CV, training wall time."
-    )
-    print(markdown_table(rows, floatfmt=".3f", missing="nan"))
-    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    return rows
 
 
 def demo_smollm2(output_dir: str, steps: int, seed: int):

@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import os
 
-__all__ = ["DRIFT_CV", "DRIFT_RATIO", "FEW_STEPS", "NAMED_MODELS", "check_report_to", "few_steps_warning",
+__all__ = ["DRIFT_CV", "DRIFT_RATIO", "FEW_STEPS", "NAMED_MODELS", "STRENGTH_UPDATES", "check_report_to", "few_steps_warning",
            "planned_optimizer_steps", "recorded_path", "strength_drift_warning"]
 
+#: How phi is trained (``MixDPOConfig.strength_update``, ``mixdpo train --strength-update``).
+STRENGTH_UPDATES = ("gradient", "refit")
 #: A run of fewer optimizer steps than this is warned about (``mixdpo train``).
 FEW_STEPS = 20
 #: The strength guard: E[beta] above this many times its start value (or below its start over this), ...

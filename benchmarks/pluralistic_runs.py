@@ -21,6 +21,7 @@ import torch
 
 from alignment import metrics, synthetic
 from alignment.data import tokenize_pair
+from alignment.experiments import preferred_probability
 from alignment.strength import make_strength
 from alignment.strength_fit import profile_spread, sd_log_strength, strength_vector
 
@@ -255,22 +256,6 @@ def _phi_change(trainer, steps: int) -> float:
     return max(abs(final[k] - start[k]) for k in final) if final else 0.0
 
 
-@torch.no_grad()
-def _preferred_probability(trainer, strength, h: np.ndarray, split, name: str) -> np.ndarray:
-    """P(chosen preferred) of each pair of ``split`` (shape (n,)) under the run's model of the labels.
-
-    Per-pair models integrate beta over the learned population; annotator-level (panel) MixDPO predicts a pair of
-    a training annotator from that annotator's posterior ``q_a`` (its training pairs' final margins), the
-    posterior predictive its own evaluation loss uses, and an unseen annotator's from the population.
-    """
-    hh = torch.as_tensor(h, dtype=torch.float64)
-    panel = getattr(trainer, "panel", None)
-    if panel is None:
-        return torch.exp(strength.log_prob_preferred(hh)).numpy()
-    ids = panel.index.ids(split[panel.index.column], name)
-    return torch.exp(-panel.pair_losses(strength, trainer.margin_cache, hh, ids, train=False)).numpy()
-
-
 def split_metrics(trainer, strength, margins_of, task) -> dict[str, Any]:
     """NLL of the validation and test labels, and the test split's accuracy and calibration metrics.
 
@@ -279,7 +264,7 @@ def split_metrics(trainer, strength, margins_of, task) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for name, split in (("val", task.validation), ("test", task.test)):
         h = margins_of(split)
-        p = _preferred_probability(trainer, strength, h, split, name)
+        p = preferred_probability(trainer, strength, h, split, name)
         probs = metrics.pair_probability_metrics(p, np.ones(len(h)), np.asarray(split["p_true"]))
         row[f"{name}_nll"] = probs["nll"]
         if name == "test":

@@ -3,21 +3,21 @@
 The pluralistic benchmark (``benchmarks/bench_pluralistic.py``) trains a tiny GPT-NeoX pretrained on the task's
 text. This check trains SmolLM2-135M-Instruct (the Q4_1 GGUF of ``make smollm2``, dequantized to fp32) with a LoRA
 adapter (rank 16 on every linear layer; the reference is the base model with the adapter disabled) on the same
-generator's text, at two heterogeneity levels, for three methods, each at the beta the tiny benchmark chose by
-validation NLL on most seeds:
+generator's text, at two heterogeneity levels, for these methods:
 
-- DPO, beta 1 (MixDPOTrainer with ``strength="point"``, whose training matches TRL's DPOTrainer,
+- DPO on the beta grid .03, .1, .3, 1 (MixDPOTrainer with ``strength="point"``, whose training matches TRL's DPOTrainer,
   ``tests/test_trainer.py::test_point_strength_matches_trl_dpotrainer``; it gives the margins of held-out pairs the same way as the others);
 - MixDPO, per-pair LogNormal strength with a free mean from beta0 0.3 (refitted on cached margins);
-- panel MixDPO, one LogNormal strength per annotator, free mean from beta0 0.3 (EM with cached margins).
+- panel MixDPO, one LogNormal strength per annotator, free mean from beta0 0.3 (EM with cached margins);
+- panel MixDPO with the mean pinned (the library's default) at beta .1 and .3.
 
-One seed, no beta grid: a check of the direction and size of the tiny benchmark's differences on a real model,
-not a claim by itself. Each run is a CSV row in ``--output`` (oracle accuracy micro/macro/worst, held-out NLL on
+``table.md`` shows each method at its beta of lowest validation NLL, as the tiny benchmark chooses. One seed: a
+check of the direction and size of the tiny benchmark's differences on a real model, not a claim by itself. Each run is a CSV row in ``--output`` (oracle accuracy micro/macro/worst, held-out NLL on
 the noisy labels, KL to the generator's true preference probabilities, the learned E[beta] and sd of log beta,
 seconds per step); finished runs are kept, so the same command continues an interrupted check.
 
 Usage:
-    python benchmarks/smollm2_transfer.py --output DIR [--levels 0 1.5] [--steps 150] [--threads 1]
+    python benchmarks/smollm2_transfer.py --output DIR [--levels 0 1.5] [--steps 150] [--threads 1] [--methods DPO]
     python benchmarks/smollm2_transfer.py --output DIR --quick   # 2 steps on 64 pairs: a smoke run
 """
 
@@ -38,22 +38,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-#: (label, trainer, beta, MixDPOConfig overrides): the tiny benchmark's best-by-validation setting of each.
+#: (label, trainer, betas, MixDPOConfig overrides): DPO on a beta grid (the tiny benchmark's best, 1, and the smaller
+#: ones the free mean found on this model), the free-mean variants from beta0 0.3, and the pinned-mean panel (the
+#: library's default mean) on the grid's lower half.
 METHODS = [
-    ("DPO", "mixdpo", 1.0, {"strength": "point"}),
-    ("MixDPO-LogNormal", "mixdpo", 0.3, {"strength": "lognormal"}),
-    ("panel-MixDPO-LogNormal", "mixdpo", 0.3, {"strength": "lognormal", "strength_level": "annotator"}),
+    ("DPO", "mixdpo", (0.03, 0.1, 0.3, 1.0), {"strength": "point"}),
+    ("MixDPO-LogNormal", "mixdpo", (0.3,), {"strength": "lognormal"}),
+    ("panel-MixDPO-LogNormal", "mixdpo", (0.3,), {"strength": "lognormal", "strength_level": "annotator"}),
+    ("panel-MixDPO-LogNormal-pinned", "mixdpo", (0.1, 0.3),
+     {"strength": "lognormal", "strength_level": "annotator", "strength_fix_mean": True}),
 ]
 COLUMNS = ["level", "method", "beta", "acc", "acc_macro", "acc_worst", "val_nll", "test_nll", "kl_true", "ece",
            "beta_mean", "sd_log", "annotator_spearman", "steps", "train_s", "s_per_step", "eval_s",
            "label_accuracy_test", "realized_sd_log"]
 
 
-def _done(path: str) -> set[tuple[float, str]]:
+def _done(path: str) -> set[tuple[float, str, float]]:
     if not os.path.isfile(path):
         return set()
     with open(path, newline="") as f:
-        return {(float(r["level"]), r["method"]) for r in csv.DictReader(f)}
+        return {(float(r["level"]), r["method"], float(r["beta"])) for r in csv.DictReader(f)}
 
 
 def _margins(trainer, split):
@@ -121,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--validation", type=int, default=300, help="validation pairs")
     p.add_argument("--test", type=int, default=1000, help="test pairs")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--methods", nargs="+", choices=[m[0] for m in METHODS],
+                   help="run only these methods (default: all; finished runs are kept either way)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 64/32/32 pairs, level 1.5 only")
     a = p.parse_args(argv)
     if a.quick:
@@ -152,16 +158,21 @@ def main(argv=None) -> int:
     for level in a.levels:
         task = synthetic.benchmark_task(level, "strength", 0, n_train=a.train, n_validation=a.validation,
                                         n_test=a.test)
-        for label, kind, beta, over in METHODS:
-            if (float(level), label) in done:
-                continue
-            print(f"level {level}: {label} (beta {beta}) ...", flush=True)
-            row = run_one(copy.deepcopy(base), tokenizer, task, label, kind, beta, over, a)
-            _append(path, row, COLUMNS)
-            print(f"  acc {row['acc']:.4f}, test NLL {row['test_nll']:.4f}, {row['s_per_step']:.2f} s/step, "
-                  f"evaluation {row['eval_s']:.0f} s", flush=True)
+        for label, kind, betas, over in METHODS:
+            for beta in betas:
+                if (float(level), label, float(beta)) in done or (a.methods and label not in a.methods):
+                    continue
+                print(f"level {level}: {label} (beta {beta}) ...", flush=True)
+                row = run_one(copy.deepcopy(base), tokenizer, task, label, kind, beta, over, a)
+                _append(path, row, COLUMNS)
+                print(f"  acc {row['acc']:.4f}, test NLL {row['test_nll']:.4f}, {row['s_per_step']:.2f} s/step, "
+                      f"evaluation {row['eval_s']:.0f} s", flush=True)
     runs = pd.read_csv(path)
-    table = markdown_table(runs.to_dict("records"), floatfmt=".4g", missing="")
+    # Each method at its beta of lowest validation NLL (the pluralistic benchmark's rule), then every run.
+    best = runs.loc[runs.groupby(["level", "method"])["val_nll"].idxmin()].sort_values(["level", "method"])
+    table = ("Each method at its beta of lowest validation NLL:\n\n"
+             + markdown_table(best.to_dict("records"), floatfmt=".4g", missing="") + "\n\nEvery run:\n\n"
+             + markdown_table(runs.to_dict("records"), floatfmt=".4g", missing=""))
     tmp = os.path.join(a.output, "table.md.tmp")
     with open(tmp, "w") as f:
         f.write(table + "\n")

@@ -296,3 +296,25 @@ def test_the_mean_is_pinned_by_default_and_a_location_init_says_how_to_free_it(t
         default_strength_init("lognormal", 0.1, {"mu": 0.0}, True)
     assert default_strength_init("lognormal", 0.1, {"mu": 0.0}, False)["mu"] == 0.0
     assert default_strength_init("point", 0.1, None, True) == {"beta": 0.1}  # nothing to pin: no error
+
+
+def test_the_strength_is_refitted_by_default_where_there_is_something_to_fit(tmp_path):
+    """The default update is the benchmark's (refit on cached margins); a frozen point and Monte Carlo rules, whose
+    objective is not a fixed function, keep the gradient. An explicit setting is kept."""
+    from alignment.cli import build_parser
+    from alignment.config import MixDPOConfig
+
+    def update(**kw):
+        return MixDPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **kw).strength_update
+
+    assert update() == "refit"  # LogNormal, pinned mean: the default configuration
+    assert update(strength="gamma") == "refit"
+    assert update(strength="point") == "gradient"  # nothing to fit
+    assert update(strength="point", strength_learnable=True) == "refit"  # learned-beta DPO, as benchmarked
+    assert update(strength="lognormal", strength_integrator="mc") == "gradient"
+    assert update(strength_update="gradient") == "gradient"
+    assert update(strength_level="annotator") == "refit"
+    with pytest.raises(ValueError, match="strength_update"):
+        update(strength_update="adam")
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o"])
+    assert args.strength_update is None  # the CLI leaves it to MixDPOConfig

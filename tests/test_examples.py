@@ -84,3 +84,34 @@ def test_example_mixdpo_trainer_tiny(tmp_path):
     assert acc > labels + 0.05
     assert number(r"E\[beta\] ([\d.]+)", out) == pytest.approx(0.3, abs=1e-3)  # pinned at DPO's beta
     assert number(r"sd of log beta ([\d.]+)", out) >= 0
+
+
+def _smollm2_ready(request) -> None:
+    """Example 07 needs the GGUF (`make smollm2`) and minutes of CPU: run it only when asked, as tests/test_smollm2.py."""
+    from alignment.models import smollm2_dir, smollm2_gguf
+
+    if smollm2_gguf() is None and not os.path.isdir(os.path.join(smollm2_dir(), "hf")):
+        pytest.skip("SmolLM2 GGUF not fetched: run `make smollm2`")
+    if "smollm2" not in (request.config.getoption("markexpr") or "") and os.environ.get("MIXDPO_TEST_SMOLLM2") != "1":
+        pytest.skip("opt-in: run with `pytest -m smollm2` or MIXDPO_TEST_SMOLLM2=1")
+
+
+@pytest.mark.smollm2
+def test_example_smollm2_lora_mixdpo(tmp_path, request):
+    _smollm2_ready(request)
+    out = run_example("07_smollm2_lora_mixdpo.py", tmp_path, timeout=900)
+    assert 0.3 < number(r"trainable parameters ([\d.]+)M", out) < 0.7  # rank-8 q/v adapters of 30 layers
+    assert number(r"of ([\d.]+)M \(LoRA", out) == pytest.approx(134.5, rel=0.01)
+    assert number(r"E\[beta\] ([\d.]+) \(pinned\)", out) == pytest.approx(0.1, abs=1e-6)
+    assert number(r"mean margin after (-?[\d.]+) nats", out) > 0  # the policy moved toward the right answers
+    assert number(r"preference accuracy after ([\d.]+)", out) >= 0.75
+
+
+def test_example_annotator_strengths(tmp_path):
+    out = run_example("08_annotator_strengths.py", tmp_path)
+    assert "40 annotators, 30 pairs each" in out
+    assert number(r"E\[beta\] ([\d.]+) \(pinned\)", out) == pytest.approx(1.0, abs=1e-6)
+    assert 0.3 < number(r"sd of log beta ([\d.]+) \(truth", out) < 2.5
+    assert number(r"Spearman correlation with the true strengths: ([\d.]+)", out) > 0.6
+    assert number(r"\|difference\| ([\d.e+-]+)", out) < 1e-9  # one model in both front ends
+    assert (tmp_path / "examples-out" / "annotator-mixdpo" / "strength_by_annotator.csv").is_file()

@@ -346,8 +346,9 @@ def test_trainer_warns_when_the_strength_runs_away(task, tmp_path):
             with torch.no_grad():
                 trainer.strength.mu += math.log(20.0)
 
+    # Gradient updates: the only change to the strength is the callback's (a refit would move it as well).
     cfg = MixDPOConfig(output_dir=str(tmp_path / "out"), strength="lognormal", strength_fix_mean=False, max_steps=1,
-                       use_cpu=True, report_to="none", save_strategy="no", per_device_train_batch_size=8)
+                       strength_update="gradient", use_cpu=True, report_to="none", save_strategy="no", per_device_train_batch_size=8)
     trainer = MixDPOTrainer(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=cfg, train_dataset=ds,
                             processing_class=tok, callbacks=[Inflate()])
     with pytest.warns(RuntimeWarning, match=r"ran away: E\[beta\] went from 0\.1 to ") as record:
