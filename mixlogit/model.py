@@ -148,9 +148,6 @@ class MixedLogit:
         if method == "msl":
             return self.fit_msl(data, **kwargs)
         if method in ("svi", "nuts"):
-            if self.scale:
-                raise ValueError(f"scale={self.scale!r} is estimated by method='msl' only for now (the Bayesian "
-                                 "estimators have no prior for sd.scale yet)")
             from .bayes.fit import fit as fit_bayes  # the one deferred import: Pyro loads only when used
 
             return fit_bayes(self, data, method=method, **kwargs)

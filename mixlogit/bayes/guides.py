@@ -239,7 +239,7 @@ class Guide(torch.nn.Module):
         self.globals = auto(poutine.block(hm.model, expose=hm.global_names),
                             init_loc_fn=init_to_value(values={"globals": u0}), init_scale=0.1)
         self.local = None
-        if hm.K:
+        if hm.Kz:
             if kind == "meanfield":
                 self.local = FreeLocalGuide(init.a, init.V)
             else:
@@ -263,6 +263,10 @@ class Guide(torch.nn.Module):
                ) -> UnitGaussian:
         """q(z_n | globals) for units ``index``; ``g`` natural globals (and ``u``, their whitened site value, if
         at hand), with a leading dim of draws when ``draws`` (then the result has batch shape (n, B))."""
+        if isinstance(self.local, FreeLocalGuide):  # independent of the globals
+            n = next(iter(g.values())).shape[0] if draws else None
+            q = self.local.z_dist(None, None, index)
+            return q.expand(torch.Size([n, *q.batch_shape])) if draws else q
         mu, C = g["loc"], self.hm.scale_matrix(g)
         if u is None and isinstance(self.local, StructuredLocalGuide):
             u = self.hm.standardized(g)
@@ -276,7 +280,7 @@ class Guide(torch.nn.Module):
         u = self.globals()["globals"]
         g = hm.natural(u)
         with pyro.plate("person", hm.n_units, subsample_size=hm.subsample) as idx:
-            if hm.K:
+            if hm.Kz:
                 index = slice(None) if hm.subsample is None else idx
                 pyro.sample("z", self.z_dist(g, index, u=u))
         return g
@@ -290,6 +294,6 @@ class Guide(torch.nn.Module):
         """Draws of z (n, B, K) for units ``index`` given n global draws ``g``."""
         with torch.no_grad():
             q = self.z_dist(g, index, draws=True)
-            n = g["loc"].shape[0]
+            n = next(iter(g.values())).shape[0]
             return q.expand(torch.Size([n, *q.batch_shape[-1:]])).rsample()
 

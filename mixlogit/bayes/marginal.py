@@ -56,7 +56,7 @@ class MarginalLikelihood:
     def __init__(self, hm: HierarchicalMixedLogit, start: Init, draws: int = MARGINAL_DRAWS, seed: int = 0,
                  widen: float = WIDEN, prior_share: float = PRIOR_SHARE, bias_correction: bool = True):
         self.hm, self.bias_correction = hm, bias_correction
-        design, K = hm.design, hm.K
+        design, K = hm.design, hm.Kz  # the dimensions of each unit's z (a random scale's included)
         N = design.n_units
         if K:
             n_prior = _even(round(prior_share * draws))

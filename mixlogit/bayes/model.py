@@ -11,13 +11,17 @@ For units ``n`` (persons with a panel, else choice situations)::
 so the likelihood is the kernel's, summed per unit inside ``pyro.plate("person", N, subsample_size=B)`` and
 added with ``pyro.factor``: no second implementation of the logit probability.
 
-``theta`` is laid out as in :class:`mixlogit.spec.Spec` (``[asc.*, fixed, locations, sd.*, chol.*]``), so the
+With a random scale (``scale="lognormal"``, S-MNL) every unit also has a scale ``s_n = exp(tau z_ns - tau^2 / 2)``
+multiplying its whole utility, ``tau = sd.scale ~ priors["sd.scale"]``, its standard normal draw the last column of
+``z_n`` (as in MSL's draws): ``z`` then has ``Kz = K + 1`` columns.
+
+``theta`` is laid out as in :class:`mixlogit.spec.Spec` (``[asc.*, fixed, locations, sd.*, chol.*, sd.scale]``), so the
 posterior is reported under the MSL names. With correlated coefficients the covariance of the correlated block
 is ``C C'`` with ``C = diag(s) chol(Omega)``; ``sd.x`` and ``chol.a.b`` report the entries of ``C`` (as MSL does)
 and the priors on ``sd.x`` are priors on marginal standard deviations.
 
 Coordinates. All population parameters form one sample site ``"globals"``, whitened with a pilot estimate
-(:mod:`mixlogit.bayes.pilot`): ``[fixed, loc, log sd, correlations] = center + W u``, so that the posterior of
+(:mod:`mixlogit.bayes.pilot`): ``[fixed, loc, log sd, correlations, log tau] = center + W u``, so that the posterior of
 ``u`` is close to N(0, I): one learning rate and NUTS's diagonal mass matrix fit every parameter.
 """
 
@@ -91,8 +95,10 @@ class GlobalPrior(dist.TorchDistribution):
             log_sd = v[..., hm.Kf + hm.K: hm.Kf + 2 * hm.K]
             lp = lp + hm.prior_loc.log_prob(g["loc"]) + hm.prior_sd.log_prob(g["sd"]) + log_sd.sum(-1)
         if hm.Kc:
-            raw = v[..., hm.Kf + 2 * hm.K:]
+            raw = v[..., hm.Kf + 2 * hm.K:hm.dim - hm.n_scale]
             lp = lp + hm.prior_corr.log_prob(g["corr"]) + _CORR.log_abs_det_jacobian(raw, g["corr"])
+        if hm.n_scale:  # log tau is the coordinate: the Jacobian of tau = exp(v) is tau
+            lp = lp + hm.prior_scale.log_prob(g["scale"]) + v[..., -1:].sum(-1)
         return lp
 
     def sample(self, sample_shape=()):
@@ -107,6 +113,8 @@ class GlobalPrior(dist.TorchDistribution):
                 g["sd"] = hm.prior_sd.sample(shape)
             if hm.Kc:
                 g["corr"] = hm.prior_corr.sample(shape)
+            if hm.n_scale:
+                g["scale"] = hm.prior_scale.sample(shape)
             return hm.standardized(g)
 
 
@@ -118,9 +126,9 @@ class HierarchicalMixedLogit:
 
     One global sample site ``"globals"`` (D,): all population parameters on a whitened scale (see
     :class:`GlobalPrior` and :meth:`set_preconditioner`); :meth:`natural` turns it into a dict of natural values
-    ``fixed`` (Kf,), ``loc`` (K,), ``sd`` (K,) and ``corr`` (Kc, Kc) (Cholesky factor of the correlation matrix
-    of the correlated block). Local site ``"z"`` (N, K): each unit's standard normal vector, in the order of
-    ``spec.random_names``.
+    ``fixed`` (Kf,), ``loc`` (K,), ``sd`` (K,), ``corr`` (Kc, Kc) (Cholesky factor of the correlation matrix
+    of the correlated block) and with a random scale ``scale`` (1,) (tau, the sd of log s). Local site ``"z"``
+    (N, Kz): each unit's standard normal vector, in the order of ``spec.random_names``, then the scale's.
     """
 
     def __init__(self, spec: Spec, design: Design, priors: dict | None = None, subsample: int | None = None):
@@ -131,7 +139,9 @@ class HierarchicalMixedLogit:
         self.subsample = subsample
         self._needs_avail = design.has_unavailable
         self._unit_weighted = not bool((design.weights == 1).all())
-        self.dim = self.Kf + 2 * self.K + self.Kc * (self.Kc - 1) // 2
+        self.n_scale = 1 if spec.scale else 0
+        self.Kz = spec.n_draw_dims  # columns of z: one per random coefficient, and the scale's
+        self.dim = self.Kf + 2 * self.K + self.Kc * (self.Kc - 1) // 2 + self.n_scale
         if self.Kf:
             self.prior_fixed = IndependentPriors([self.priors[n] for n in spec.fixed])
         if self.K:
@@ -139,6 +149,8 @@ class HierarchicalMixedLogit:
             self.prior_sd = IndependentPriors([self.priors[f"sd.{n}"] for n in spec.random_names])
         if self.Kc:
             self.prior_corr = lkj_distribution(self.priors["corr"], self.Kc)
+        if self.n_scale:
+            self.prior_scale = IndependentPriors([self.priors["sd.scale"]])
         self.global_names = ["globals"]
         self._indep_mask = torch.ones(self.K, dtype=torch.float64)
         self._corr_idx = torch.as_tensor(spec.corr_index, dtype=torch.long)
@@ -169,7 +181,9 @@ class HierarchicalMixedLogit:
             g["loc"] = v[..., Kf:Kf + K]
             g["sd"] = torch.exp(v[..., Kf + K:Kf + 2 * K])
         if self.Kc:
-            g["corr"] = _CORR(v[..., Kf + 2 * K:])
+            g["corr"] = _CORR(v[..., Kf + 2 * K:self.dim - self.n_scale])
+        if self.n_scale:
+            g["scale"] = torch.exp(v[..., -1:])
         return g
 
     def raw(self, g: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -181,6 +195,8 @@ class HierarchicalMixedLogit:
             parts += [g["loc"], torch.log(g["sd"])]
         if self.Kc:
             parts.append(_CORR.inv(g["corr"]))
+        if self.n_scale:
+            parts.append(torch.log(g["scale"]))
         return torch.cat(parts, -1)
 
     def natural(self, u: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -218,6 +234,8 @@ class HierarchicalMixedLogit:
                 parts.append(Cc[..., self._chol_a, self._chol_b])
             else:
                 parts.append(spread)
+        if self.n_scale:
+            parts.append(g["scale"])
         return torch.cat(parts, dim=-1)
 
     def globals_from_theta(self, theta: np.ndarray) -> dict[str, torch.Tensor]:
@@ -241,6 +259,8 @@ class HierarchicalMixedLogit:
                 sd[self.spec.corr_index] = marginal
                 g["corr"] = corr / corr.pow(2).sum(-1, keepdim=True).sqrt()
             g["sd"] = sd
+        if self.n_scale:
+            g["scale"] = th[sl["scale"]].abs().clamp_min(0.05)
         return g
 
     # -------------------------------------------------------------- likelihood
@@ -250,7 +270,7 @@ class HierarchicalMixedLogit:
         theta : (P,) or (S, 1, P) (S particles); z : (B, K) or (S, B, K). Returns (B,) or (S, B).
         """
         d, spec = self.design, self.spec
-        if theta.dim() > 1:
+        if theta.dim() > 1 or self.n_scale:  # a random scale multiplies the fixed part too: one kernel call
             return self._loglik_particles(theta, z, index)
         if self.K:
             beta = spec.coefficients(theta, z.unsqueeze(1))
@@ -268,23 +288,27 @@ class HierarchicalMixedLogit:
         # Several particles at once: each particle's coefficients are draws of one kernel call, with the fixed
         # coefficients stacked onto the random ones so that they too can differ across particles.
         d, spec = self.design, self.spec
+        single = theta.dim() == 1
         th = theta.reshape(-1, theta.shape[-1])  # (S, P)
         S = th.shape[0]
         x = self._x_diff[index]  # (n, T, A, K + Kf)
         n = x.shape[0]
-        if self.K:
-            beta = spec.coefficients(th, z.reshape(S, n, self.K)).transpose(0, 1)  # (n, S, K)
+        if self.n_scale:  # every coefficient times the unit's scale draw, per particle
+            coef = spec.scaled_coefficients(th, z.reshape(S, n, self.Kz)).transpose(0, 1)  # (n, S, K + Kf)
+        elif self.K:
+            coef = spec.all_coefficients(th, spec.coefficients(th, z.reshape(S, n, self.K)).transpose(0, 1))
         else:
-            beta = th.new_zeros(n, S, 0)
-        ll = conditional_loglik(x, spec.all_coefficients(th, beta),
+            coef = spec.all_coefficients(th, th.new_zeros(n, S, 0))
+        ll = conditional_loglik(x, coef,
                                 avail=d.avail_diff[index] if self._needs_avail else None,
                                 situation_mask=d.situation_mask[index]).transpose(0, 1)  # (S, n)
+        ll = ll[0] if single else ll
         return ll * d.weights[index] if self._unit_weighted else ll
 
     @functools.cached_property
     def _x_diff(self) -> torch.Tensor:
         """Random then fixed attribute differences of all units (built on first use: one particle needs none)."""
-        return self.design.x_diff if self.Kf else self.design.x_rand_diff
+        return self.design.x_diff if (self.Kf or self.n_scale) else self.design.x_rand_diff
 
     def potential_energy(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Minus the log joint density of ``{"globals": u, "z": z}`` (all unconstrained), up to a constant: the
@@ -303,7 +327,7 @@ class HierarchicalMixedLogit:
         theta = self.theta(self.natural(u))
         with pyro.plate("person", self.n_units, subsample_size=self.subsample) as idx:
             index = slice(None) if self.subsample is None else idx
-            z = pyro.sample("z", StdNormalVector(self.K)) if self.K else None
+            z = pyro.sample("z", StdNormalVector(self.Kz)) if self.Kz else None
             pyro.factor("loglik", self.loglik(theta, z, index))
 
 

@@ -122,7 +122,7 @@ class _LaplaceCoordinates:
     def __init__(self, hm: HierarchicalMixedLogit, start: Init):
         self.hm = hm
         self.u0 = hm.standardized(start.globals)
-        if hm.K:
+        if hm.Kz:
             self.a, self.B = start.a, start.B
             self.L = torch.linalg.cholesky(start.V)
 
@@ -134,12 +134,12 @@ class _LaplaceCoordinates:
     def potential_energy(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Minus the log density of the model (up to a constant) at ``{"globals": u, "e": e}``."""
         u = params["globals"]
-        z = self.z(u, params["e"]) if self.hm.K else None
+        z = self.z(u, params["e"]) if self.hm.Kz else None
         return self.hm.potential_energy({"globals": u, "z": z})
 
     def initial(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {"globals": values["globals"]}
-        if self.hm.K:
+        if self.hm.Kz:
             rhs = (values["z"] - self.z(values["globals"], torch.zeros_like(values["z"]))).unsqueeze(-1)
             out["e"] = torch.linalg.solve_triangular(self.L, rhs, upper=False).squeeze(-1)
         return out
@@ -147,7 +147,7 @@ class _LaplaceCoordinates:
     def natural_samples(self, samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Natural globals and z from draws of (u, e)."""
         out = self.hm.natural(samples["globals"])
-        if self.hm.K:
+        if self.hm.Kz:
             out["z"] = self.z(samples["globals"], samples["e"])
         return out
 

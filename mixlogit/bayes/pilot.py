@@ -75,14 +75,14 @@ def initialize(model, data: ChoiceData, hm: HierarchicalMixedLogit, *, how: str,
     n = design.n_units
     units = np.sort(rng.choice(n, size=init_units, replace=False)) if n > init_units else np.arange(n)
     sub = design.subset(torch.as_tensor(units)) if n > init_units else design
-    if hm.K:
-        rule = make_rule("halton", len(units), init_draws, hm.K, seed=seed)
+    if hm.Kz:
+        rule = make_rule("halton", len(units), init_draws, hm.Kz, seed=seed)
     else:
         rule = IntegrationRule(z=torch.zeros(1, 1, 0, dtype=torch.float64),
                                log_weights=torch.zeros(1, dtype=torch.float64), kind="none")
     problem = MSLProblem(spec, sub, rule)
     pilot_ll, n_pilot = None, 0
-    if how == "msl" and hm.K:
+    if how == "msl" and hm.Kz:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             opt = maximize(problem, theta, maxiter=200, gtol=1e-2)
@@ -100,7 +100,7 @@ def initialize(model, data: ChoiceData, hm: HierarchicalMixedLogit, *, how: str,
     hm.set_preconditioner(center, W)
     init = Init(globals=g, u_scale=torch.full((hm.dim,), 0.7, dtype=torch.float64), pilot_loglik=pilot_ll,
                 pilot_units=n_pilot)
-    if hm.K:
+    if hm.Kz:
         init.a, init.V, init.B = unit_laplace(hm, g, slopes=slopes)
     return init
 
@@ -124,27 +124,30 @@ def _whitening(hm: HierarchicalMixedLogit, problem: MSLProblem, theta: np.ndarra
     sl = spec.slices()
     # Rows of theta behind v's first Kf + 2K entries, and d v / d theta on them.
     rows = list(range(sl["fixed"].start, sl["fixed"].stop)) + list(range(sl["loc"].start, sl["loc"].stop)) + \
-        list(range(sl["spread"].start, sl["spread"].stop))
+        list(range(sl["spread"].start, sl["spread"].stop)) + list(range(sl["scale"].start, sl["scale"].stop))
+    # Their places in v: the first Kf + 2K entries, and log tau (a random scale) last.
+    places = list(range(Kf + 2 * K)) + list(range(D - hm.n_scale, D))
     jac = np.ones(len(rows))
     if K:
         sp = theta[sl["spread"]]
-        jac[Kf + K:] = 1.0 / np.where(sp == 0, 1.0, sp)  # d log|s| / ds
+        jac[Kf + K:Kf + 2 * K] = 1.0 / np.where(sp == 0, 1.0, sp)  # d log|s| / ds
+    if hm.n_scale:
+        jac[-1] = 1.0 / max(abs(float(theta[sl["scale"]][0])), 1e-3)  # d log tau / d tau
     cov = np.zeros((D, D))
-    n = len(rows)
-    cov[:n, :n] = cov_t[np.ix_(rows, rows)] * np.outer(jac, jac)
-    sd = np.sqrt(np.clip(np.diag(cov[:n, :n]), 0, None))
-    lo = np.concatenate([np.full(Kf + K, 1e-4), np.full(K, 0.02)])
-    hi = np.concatenate([np.full(Kf + K, 10.0), np.full(K, 1.0)])
+    block = cov_t[np.ix_(rows, rows)] * np.outer(jac, jac)
+    sd = np.sqrt(np.clip(np.diag(block), 0, None))
+    lo = np.concatenate([np.full(Kf + K, 1e-4), np.full(K + hm.n_scale, 0.02)])
+    hi = np.concatenate([np.full(Kf + K, 10.0), np.full(K + hm.n_scale, 1.0)])
     sd_c = np.clip(np.where(np.isfinite(sd) & (sd > 0), sd, hi), lo, hi)
-    corr = cov[:n, :n] / np.outer(np.where(sd > 0, sd, 1.0), np.where(sd > 0, sd, 1.0))
-    corr = 0.9 * np.nan_to_num(corr) + 0.1 * np.eye(n)  # shrink: a preconditioner, not an estimate
+    corr = block / np.outer(np.where(sd > 0, sd, 1.0), np.where(sd > 0, sd, 1.0))
+    corr = 0.9 * np.nan_to_num(corr) + 0.1 * np.eye(len(rows))  # shrink: a preconditioner, not an estimate
     np.fill_diagonal(corr, 1.0)
-    cov[:n, :n] = corr * np.outer(sd_c, sd_c)
+    cov[np.ix_(places, places)] = corr * np.outer(sd_c, sd_c)
     for k in spec.corr_index:  # log marginal sds of correlated coefficients: no usable pilot covariance
         i = Kf + K + k
         cov[i, :], cov[:, i] = 0.0, 0.0
         cov[i, i] = 0.01
-    for i in range(Kf + 2 * K, D):
+    for i in range(Kf + 2 * K, D - hm.n_scale):  # the correlations
         cov[i, i] = 0.01
     try:
         W = np.linalg.cholesky(cov)
@@ -162,7 +165,7 @@ def unit_laplace(hm: HierarchicalMixedLogit, g: dict[str, torch.Tensor], iters: 
     non-normal families can make the log-likelihood locally convex) and, with ``slopes``, the slopes of the modes
     in the standardized globals u, ``dz_n/du = V d(grad_z f_n)/du`` (N, K, D) by the implicit function theorem.
     """
-    design, K = hm.design, hm.K
+    design, K = hm.design, hm.Kz
     u0 = hm.standardized(g).detach()
     with torch.no_grad():
         theta = hm.theta(g)

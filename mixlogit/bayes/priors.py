@@ -15,6 +15,8 @@ fixed coefficients, ``asc.*``  ``normal(0, 10)``               flat over any pla
 locations ``x``                ``normal(0, 10)``               same; lognormal families: ``normal(0, 3)``
                                                                (the location is ``log|beta|``)
 spreads ``sd.x``               ``halfnormal(5)``               positive; lognormal families ``halfnormal(2)``
+random scale ``sd.scale``      ``halfnormal(1)``               the sd of log s: 1 lets the middle 90% of
+                               (S-MNL, ``scale="lognormal"``)  scales span a factor of 27, 2.5 a factor of 3,700
 correlations                   ``lkj(2)``                      mild shrinkage towards independence
 =============================  ==============================  ==========================================
 
@@ -193,6 +195,8 @@ def default_prior(spec: Spec, name: str) -> Prior:
         return Prior("lkj", (2.0,))
     if name in spec.fixed:
         return Prior("normal", (0.0, 10.0))
+    if name == "sd.scale":
+        return Prior("halfnormal", (1.0,))
     if name.startswith("sd."):
         lognormal = spec.random[name[3:]] in _LOGNORMAL_FAMILIES
         return Prior("halfnormal", (2.0 if lognormal else 5.0,))

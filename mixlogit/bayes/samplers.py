@@ -115,7 +115,7 @@ class NUTSSampler:
         return flat[random_rows(len(flat), n, seed)]
 
     def individual_moments(self):
-        if self.z is None:
+        if self.z is None or not self.hm.K:  # no random coefficients (a random scale alone has a z column)
             return None, None
         C, S = self.theta.shape[:2]
         sums = sq = 0.0

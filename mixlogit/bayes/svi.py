@@ -118,6 +118,10 @@ def fit_svi(model, data, *, steps=3000, guide=None, subsample=None, learning_rat
         raise ValueError("guide='marginal' integrates every unit out at each step and takes no subsample; for "
                          "minibatches of units use guide='fullrank' (or 'amortized') with subsample=")
     hm = prepare(model, data, priors, subsample)
+    if hm.n_scale and guide in ("fullrank", "amortized"):
+        raise ValueError(f"guide={guide!r} builds each unit's posterior on the linear predictor mu + C z, which a "
+                         "random scale (scale='lognormal') multiplies away; use guide='marginal' (the default) or "
+                         "'meanfield'")
     with Guide.param_context(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         start = initialize(model, data, hm, how=init, seed=int(seed), init_draws=init_draws, init_units=init_units,
@@ -203,9 +207,10 @@ def fit_svi(model, data, *, steps=3000, guide=None, subsample=None, learning_rat
         ind_mean, ind_sd = sampler.individual_moments(n=50 if guide == "marginal" else 200, seed=int(seed) + 2)
         trust = trust_check(g, likelihood, trust_draws, seed=int(seed) + 3) if trust_draws else None
     if trust is not None and not trust.usable:
+        other = "" if guide == "marginal" else " or guide='marginal'"
         warnings.warn(f"SVI's trust check fails: {trust}. The guide misses part of the posterior of the population "
                       "parameters and its draws are not reweighted (PSIS is unreliable there too); use "
-                      "method='nuts', or refit with more steps or guide='marginal'", RuntimeWarning, stacklevel=3)
+                      f"method='nuts', or refit with more steps{other}", RuntimeWarning, stacklevel=3)
     settings = {"method": "svi", "steps": steps, "guide": guide, "subsample": subsample,
                 "learning_rate": learning_rate, "seed": int(seed), "init": init, "tol": tol, "window": window,
                 "num_draws": num_draws, "init_draws": init_draws, "init_units": init_units,
