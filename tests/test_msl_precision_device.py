@@ -157,3 +157,19 @@ def test_an_unavailable_device_names_itself_and_what_is_available(panel):
         resolve_device("tpu0")
     with pytest.raises(TypeError, match="device must be a device name"):
         resolve_device(0.5)
+
+
+def test_the_command_line_takes_precision_and_device_for_msl_only(tmp_path, capsys):
+    from mixlogit.cli import main
+
+    base = ["fit", "--dataset", "electricity", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--precision applies to --method msl, not --method svi"):
+        main([*base, "--method", "svi", "--precision", "mixed"])
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        main([*base, "--precision", "half"])
+    err = capsys.readouterr().err
+    assert "--precision: invalid choice: 'half'" in err and "double" in err and "mixed" in err
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda"]) == 2
+        assert "--device='cuda' is not available" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
