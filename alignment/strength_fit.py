@@ -32,7 +32,7 @@ from scipy import optimize, special, stats
 from mixlogit.validation import check_choice, check_fraction
 
 from .losses import check_objective
-from .panel import check_annotator_ids, panel_loglik
+from .panel import check_annotator_ids, panel_loglik, panel_newton_terms
 from .strength import PointStrength, Strength
 
 __all__ = ["SPREAD_PARAMETERS", "fit_strength", "newton_step", "profile_spread", "sd_log_strength", "strength_vector"]
@@ -160,14 +160,20 @@ def newton_step(strength: Strength, margins, objective: str = "marginal", annota
     named = [(n, p) for n, p in strength.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     a = _coordinates(strength, names)
-    value = _objective(strength, h, objective, panel)
-    if not params or not torch.isfinite(value):
-        return {"loglik": float(value.detach()), "accepted": False, "params": strength_vector(strength)}
-    grads = torch.autograd.grad(value, params, create_graph=True)
-    hess = np.array([[float(x) for x in torch.autograd.grad(g, params, retain_graph=True)] for g in grads])
-    g = a.T @ np.array([float(x.detach()) for x in grads])  # chain rule through params = a v
+    terms = panel_newton_terms(strength, h, *panel, params) if panel is not None and params else None
+    if terms is None:
+        value = _objective(strength, h, objective, panel)
+        if not params or not torch.isfinite(value):
+            return {"loglik": float(value.detach()), "accepted": False, "params": strength_vector(strength)}
+        grads = torch.autograd.grad(value, params, create_graph=True)
+        hess = np.array([[float(x) for x in torch.autograd.grad(g, params, retain_graph=True)] for g in grads])
+        terms = float(value.detach()), np.array([float(x.detach()) for x in grads]), hess
+    ll0, grad, hess = terms
+    if not math.isfinite(ll0):
+        return {"loglik": ll0, "accepted": False, "params": strength_vector(strength)}
+    g = a.T @ grad  # chain rule through params = a v
     hess_v = a.T @ hess @ a
-    start, ll0 = np.array([float(p.detach()) for p in params]), float(value.detach())
+    start = np.array([float(p.detach()) for p in params])
     if not np.all(np.isfinite(hess_v)) or np.any(np.linalg.eigvalsh(0.5 * (hess_v + hess_v.T)) >= 0):
         return {"loglik": ll0, "accepted": False, "params": strength_vector(strength)}
     v0 = np.linalg.solve(a, start)

@@ -28,6 +28,8 @@ def logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, *, avail: torch.
     """
     with torch.no_grad():
         n, t, a, k = x_diff.shape
+        if a == 1 and avail is None:
+            return _binary_logit_derivatives(x_diff[:, :, 0], beta, situation_mask)
         ll, p = logit_loglik_and_probs(_utility_diff(x_diff, beta), avail, situation_mask)  # p: (N, T, A, R)
         r = p.shape[-1]
         # m_ntr = sum_a P_ntar x_nta (the chosen alternative's x difference is zero)
@@ -39,6 +41,24 @@ def logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, *, avail: torch.
         mt = mean.permute(0, 2, 1, 3).reshape(n * r, t, k)
         outer = torch.bmm(mt.transpose(1, 2), mt).reshape(n, r, k, k)
         return ll.sum(dim=1), grad, outer - second
+
+
+def _binary_logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, situation_mask: torch.Tensor | None):
+    """:func:`logit_derivatives` of a binary choice (one non-chosen alternative, x_diff (N, T, K)) in elementwise
+    form: with ``p = sigmoid(v)`` the other alternative's probability, the gradient is ``-sum_t p x`` and the
+    Hessian ``-sum_t p (1 - p) x x'``, where the general form's per-situation products are (T x 1) matrices."""
+    v = _utility_diff(x_diff.unsqueeze(2), beta)[:, :, 0]  # (N, T, R)
+    threshold = 40.0 if v.dtype == torch.float64 else 20.0  # as log_logit_chosen: no identity switch at 20
+    ll = -torch.nn.functional.softplus(v, threshold=threshold)
+    p = torch.sigmoid(v)
+    if situation_mask is not None:
+        m = situation_mask.unsqueeze(-1).to(v.dtype)
+        ll, p = ll * m, p * m
+    n, t, k = x_diff.shape
+    grad = -torch.bmm(p.transpose(1, 2), x_diff)  # (N, R, K)
+    x2 = (x_diff.unsqueeze(-1) * x_diff.unsqueeze(-2)).reshape(n, t, k * k)
+    hess = -torch.bmm((p * (1.0 - p)).transpose(1, 2), x2).reshape(n, -1, k, k)
+    return ll.sum(dim=1), grad, hess
 
 
 def draw_jacobian(coef, theta: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
