@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's report and plots there; other files are kept)")
     b = f.add_argument_group("Bayesian estimation (--method svi | nuts)")
     b.add_argument("--steps", type=int, default=3000, help="SVI: most optimization steps (default: %(default)s)")
-    b.add_argument("--guide", default="fullrank", help="SVI guide: meanfield, fullrank or amortized "
-                   "(default: %(default)s)")
+    b.add_argument("--guide", choices=["marginal", "fullrank", "meanfield", "amortized"],
+                   help="SVI guide (default: marginal, or fullrank with --subsample)")
     b.add_argument("--subsample", type=int, help="SVI: persons per step (minibatch SVI)")
     b.add_argument("--learning-rate", type=float, default=0.01, help="SVI: Adam learning rate (default: %(default)s)")
     b.add_argument("--num-samples", type=int, default=1000, help="NUTS: draws per chain (default: %(default)s)")

@@ -109,14 +109,15 @@ def test_nuts_result_says_the_check_is_for_svi(sim):
     assert "trust check" not in res.summary()
 
 
-def test_trust_draws_option(sim):
+def test_trust_draws_option_and_minibatch_default(sim):
     with pytest.raises(ValueError, match="trust_draws must be 0 .* or at least 20"):
         sim.model.fit(sim.data, method="svi", trust_draws=5)
     small = ml.simulate(n_persons=40, n_situations=4, n_alts=3, random={"x1": ("normal", 1.0, 0.5)}, seed=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = small.model.fit(small.data, method="svi", trust_draws=0, seed=0)
-    assert "trust check: not computed (trust_draws=0)" in res.summary()
+        res = small.model.fit(small.data, method="svi", subsample=20, seed=0)  # minibatches: no check by default
+    assert res.settings["guide"] == "fullrank" and res.settings["trust_draws"] == 0
+    assert "trust check: not computed (trust_draws=0, the default of minibatch fits)" in res.summary()
     with pytest.raises(ValueError, match="ran without a trust check"):
         res.trust_check()
     assert "pareto_k" not in res.to_arviz(n=20).sample_stats

@@ -47,9 +47,9 @@ def fit(model, data: ChoiceData, method: str = "svi", **kwargs) -> BayesResults:
     ``tol=1e-4`` (relative change of the windowed ELBO that counts as converged), ``window=None`` (steps per ELBO
     window, default ``clip(steps // 60, 50, 100)``, fewer when ``steps`` is small), ``num_draws=4000`` (posterior
     draws kept), ``init_draws=200``, ``init_units=2000`` (draws and units of the pilot fit),
-    ``num_particles=1`` (ELBO particles per step, vectorized), ``marginal_draws=256`` (importance points per unit
-    of the marginal likelihood, even), ``trust_draws=200`` (draws of the guide for the trust check, the Pareto k
-    of p/q: :mod:`mixlogit.bayes.trust`; 0 skips it).
+    ``num_particles=1`` (ELBO particles per step, vectorized), ``marginal_draws=256`` (importance points per
+    unit of the marginal likelihood, even), ``trust_draws=None`` (draws of the guide for the trust check, the
+    Pareto k of p/q, :mod:`mixlogit.bayes.trust`: 200, or 0 (skipped) with ``subsample``). The window of the marginal guide is at most 20 steps.
 
     NUTS keywords: ``num_samples=1000``, ``num_warmup=1000``, ``chains=2``, ``seed=0``, ``priors=None``,
     ``progress=False``, ``init="msl"``, ``target_accept=0.8``, ``max_tree_depth=10``.

@@ -7,9 +7,10 @@ importance sampling: unit ``n`` gets ``R`` scrambled Halton points, most of them
 Laplace approximation ``N(a_n, c^2 V_n)`` of ``p(z_n | y_n)`` (:mod:`mixlogit.bayes.pilot`), the rest
 (``prior_share``) left as standard normal points, with weights
 ``w_nr = phi(z_nr) / q_n(z_nr) / R`` and ``q_n`` the two-component mixture (the defensive mixture of
-Hesterberg 1995: every weight is at most ``1 / prior_share``, so no single point can dominate). On the
-electricity data (E1) 128 such points give the log-likelihood of 5,000 plain Halton draws within about 3, at a
-quarter of the cost of 1,000 plain draws; plain Halton draws are biased down by about 7 at 1,000 draws.
+Hesterberg 1995: every weight is at most ``1 / prior_share``, so no single point can dominate); both components
+are antithetic. Measured on the electricity data (E1) at NUTS's posterior mean, where 20,000 plain Halton draws
+give -3879.0: 256 points per person (the default) give -3878.6 (sd 2.3 over four scramblings) with the bias
+correction and -3880.7 without; 1,000 plain Halton draws give -3889, at four times the cost.
 
 Every unit's posterior given the population parameters is then the Revelt-Train reweighting of its points
 (:func:`~mixlogit.kernel.posterior_draw_weights`), which is how individual-level draws are made.

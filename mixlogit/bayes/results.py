@@ -142,7 +142,7 @@ class BayesResults(FitResults):
             head.append(f"ELBO (mean of the last {min(w, len(self.elbo))} steps): {np.mean(self.elbo[-w:]):.3f}")
         if self.method == "svi":
             head.append(f"trust check: {self.trust}" if self.trust is not None else
-                        "trust check: not computed (trust_draws=0)")
+                        "trust check: not computed (trust_draws=0, the default of minibatch fits)")
         if "diverging" in self.sample_stats:
             head.append(f"divergences: {int(self.sample_stats['diverging'].sum())}   max tree depth: "
                         f"{int(self.sample_stats['tree_depth'].max()) if self.sample_stats['tree_depth'].size else 0}")
@@ -166,7 +166,8 @@ class BayesResults(FitResults):
                              f"the posterior itself, so check its r_hat and ess_bulk (summary_frame()) and "
                              f"divergences (sample_stats) instead")
         if self.trust is None:
-            raise ValueError("this SVI fit ran without a trust check (trust_draws=0); refit with trust_draws=200")
+            raise ValueError("this SVI fit ran without a trust check (trust_draws=0, the default with subsample=); "
+                             "refit with trust_draws=200")
         return self.trust
 
     # ------------------------------------------------------------------ draws
