@@ -14,10 +14,10 @@ from .devices import require_device, resolve_device
 from .distributed import shard_problem, world
 from .distributions import get_distribution
 from .draws import DETERMINISTIC, DRAW_TYPES, IntegrationRule, check_draws, make_rule
-from .msl import SEPARATION, MSLProblem, identification_problems, judge, maximize, polish
+from .msl import SEPARATION, MSLProblem, identification_problems, maximize
+from .optimize import OPTIMIZERS, check_optimizer, find_optimum
 from .persistence import jsonable
 from .precision import SEARCH_STOP_GAIN, check_precision
-from .progress import progress_bar
 from .results import MixedLogitResults
 from .spec import Spec, check_scale
 from .validation import check_bool, check_int, check_positive, check_seed
@@ -193,7 +193,8 @@ class MixedLogit:
 
     def fit_msl(self, data: ChoiceData, draws: int = 1000, draw_type: str = "halton", antithetic: bool = False,
                 seed: int | None = 0, start=None, multistart: int = 0, maxiter: int = 2000, gtol: float = 1e-5,
-                progress: bool = False, precision: str = "double", device=None, distributed: bool = False):
+                progress: bool = False, precision: str = "double", device=None, distributed: bool = False,
+                optimizer: str = OPTIMIZERS[0]):
         """Maximum simulated likelihood.
 
         Parameters
@@ -205,7 +206,7 @@ class MixedLogit:
             ``res.settings["seed"]`` so that prediction reuses the fit's draws.
         start : starting values (array or dict name -> value); default from an MNL fit.
         multistart : number of extra starts (random perturbations of the default start); the best is kept.
-        maxiter, gtol : BFGS limits. Converged means max|gradient| < gtol, or (where the simulated likelihood
+        maxiter, gtol : the optimizer's limits (iterations, largest absolute gradient entry). Converged means max|gradient| < gtol, or (where the simulated likelihood
             has kinks, as with censored coefficients) the Newton step with the exact Hessian is shorter than
             0.01 standard errors.
         progress : show a progress bar of iterations.
@@ -215,6 +216,9 @@ class MixedLogit:
             errors computed, in float64.
         device : where every tensor of the fit lives, e.g. "cuda"; default: the data's device
             (:meth:`mixlogit.data.ChoiceData.to`), else the CPU. Data moved to another device are refused.
+        optimizer : "bfgs-hessian" (BFGS refreshed once with the exact Hessian near the optimum), "bfgs" (BFGS
+            started from the BHHH matrix alone) or "trust-exact" (trust-region Newton with the exact Hessian at
+            every step); see :mod:`mixlogit.optimize`. All stop at the same gradient test.
         distributed : split the persons over the ranks of the initialized torch.distributed process group
             (:mod:`mixlogit.distributed`); every rank returns the same result, bit for bit that of one process.
 
@@ -231,34 +235,22 @@ class MixedLogit:
         check_positive("gtol", gtol)
         check_precision(precision)
         check_bool("distributed", distributed)
+        check_optimizer(optimizer)
         placed = self._placed(data, device)
         problem = self.make_problem(placed, draws, draw_type, antithetic, seed)
         spec = problem.spec
         if distributed:  # refused here, before any fitting, when the ranks hold different problems
             shard_problem(problem, {"draws": draws, "draw_type": draw_type, "antithetic": antithetic, "seed": seed,
                                     "precision": precision, "start": start, "multistart": multistart,
-                                    "maxiter": maxiter, "gtol": gtol})
+                                    "maxiter": maxiter, "gtol": gtol, "optimizer": optimizer})
         search = problem if precision == "double" else dataclasses.replace(problem, precision=precision)
         x0 = self._resolve_start(start, spec) if start is not None else self.start_values(placed, spec)
         starts = [x0]
         rng = np.random.default_rng(seed)
         for _ in range(multistart):
             starts.append(x0 + rng.normal(scale=0.5 * np.maximum(np.abs(x0), 0.1)))
-        best = None
-        for i, s in enumerate(starts):
-            bar = progress_bar(progress, desc=f"MSL start {i + 1}/{len(starts)}" if len(starts) > 1 else "MSL")
-            opt = maximize(search, s, maxiter=maxiter, gtol=gtol, stop_gain=SEARCH_STOP_GAIN[precision],
-                           callback=(lambda n_iter, xk, bar=bar: bar.update(1)) if bar is not None else None)
-            if bar is not None:
-                bar.close()
-            if best is None or (np.isfinite(opt.loglik) and opt.loglik > best.loglik):
-                best = opt
-        if search is not problem:  # convergence is judged, and the optimum polished, in float64
-            best = judge(problem, best.theta, gtol, best.n_iter, best.message)
-        best, hessian = polish(problem, best, max_steps=max(0, maxiter - best.n_iter))
-        if search is not problem and not best.converged:  # the float32 search ended too far out: go on in float64
-            resumed = maximize(problem, best.theta, maxiter=maxiter, gtol=gtol)
-            best, hessian = polish(problem, resumed, max_steps=max(0, maxiter - resumed.n_iter))
+        best, hessian = find_optimum(problem, search, starts, optimizer=optimizer, maxiter=maxiter, gtol=gtol,
+                                     stop_gain=SEARCH_STOP_GAIN[precision], progress=progress)
         converged = best.converged
         scores = problem.scores(best.theta)
         integration_error = None
@@ -292,7 +284,7 @@ class MixedLogit:
             n_iter=best.n_iter, message=best.message, grad_norm=best.grad_norm,
             integration_error=integration_error,
             settings={"method": "msl", "draws": int(draws), "draw_type": draw_type, "antithetic": bool(antithetic),
-                      "seed": seed, "multistart": multistart, "gtol": gtol, "precision": precision,
+                      "seed": seed, "multistart": multistart, "gtol": gtol, "optimizer": optimizer, "precision": precision,
                       "device": str(problem.device), **({"ranks": world()[1]} if distributed else {}), **rule_settings,
                       **({"unidentified": unidentified} if unidentified else {})},
             fit_time=time.perf_counter() - t0,

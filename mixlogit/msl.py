@@ -245,36 +245,15 @@ class OptimizeResult:
     grad: np.ndarray
 
 
-#: A point whose Newton step is shorter than 0.01 standard errors (``g'(-H)^-1 g < 1e-4``, the step's squared
-#: length in the metric of the asymptotic covariance) counts as the optimum: the remaining error is
-#: negligible next to the sampling error.
-DECREMENT_TOL = 0.5e-4
-
-
-def newton_decrement(grad: np.ndarray, hessian: np.ndarray) -> float:
-    """The log-likelihood gain a Newton step predicts, ``g' (-H)^-1 g / 2``; inf unless -H is positive definite.
-
-    Twice the decrement is the squared length of the Newton step in standard-error units.
-
-    A scale-free convergence check that also works where the simulated likelihood has kinks (censored
-    coefficients), so the gradient cannot reach ``gtol`` although the optimum is found.
-    """
-    try:
-        chol = np.linalg.cholesky(-0.5 * (hessian + hessian.T))
-    except np.linalg.LinAlgError:
-        return math.inf
-    y = np.linalg.solve(chol, grad)
-    return 0.5 * float(y @ y)
-
-
 def maximize(problem: MSLProblem, start: np.ndarray, *, maxiter: int = 2000, gtol: float = 1e-5,
-             callback=None, stop_gain: float | None = None) -> OptimizeResult:
+             callback=None, stop_gain: float | None = None, hess_inv0: np.ndarray | None = None) -> OptimizeResult:
     """Maximize the simulated log-likelihood by BFGS with the exact gradient.
 
     Convergence: the largest absolute gradient entry below ``gtol`` (scipy's BFGS criterion), checked again
     at the returned point; anything else is reported as not converged, never raised. ``stop_gain``: also stop
     after an iteration that raises the log-likelihood by less than this (a search in mixed precision, whose line
-    searches cannot resolve smaller gains; its caller judges the end point in float64).
+    searches cannot resolve smaller gains; its caller judges the end point in float64). ``hess_inv0``: BFGS's
+    starting inverse Hessian of ``-loglik`` (positive definite); default the inverse of the BHHH matrix at ``start``.
     """
     n_iter = 0
     previous = math.inf
@@ -296,19 +275,27 @@ def maximize(problem: MSLProblem, start: np.ndarray, *, maxiter: int = 2000, gto
 
     # Start BFGS from the BHHH matrix (outer product of the per-unit scores) instead of the identity: it has
     # the right scale in every direction, which saves most of the early iterations.
-    scores = problem.scores(start)
-    bhhh = scores.T @ (problem.design.weights.cpu().numpy()[:, None] * scores)
-    try:
-        hess_inv0 = np.linalg.inv(bhhh + 1e-8 * np.eye(len(start)) * max(1.0, np.trace(bhhh) / len(start)))
-        hess_inv0 = 0.5 * (hess_inv0 + hess_inv0.T)
-        np.linalg.cholesky(hess_inv0)
-    except np.linalg.LinAlgError:
-        hess_inv0 = None  # scores rank-deficient at the start: fall back to the identity
+    if hess_inv0 is None:
+        scores = problem.scores(start)
+        bhhh = scores.T @ (problem.design.weights.cpu().numpy()[:, None] * scores)
+        hess_inv0 = positive_definite_inverse(bhhh + 1e-8 * np.eye(len(start)) * max(1.0, np.trace(bhhh) / len(start)))
+        # None: scores rank-deficient at the start, so BFGS starts from the identity
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = optimize.minimize(fun, start, jac=True, method="BFGS", callback=cb,
                               options={"maxiter": maxiter, "gtol": gtol, "hess_inv0": hess_inv0})
     return judge(problem, r.x, gtol, int(r.nit), str(r.message))
+
+
+def positive_definite_inverse(matrix: np.ndarray) -> np.ndarray | None:
+    """The symmetrized inverse of ``matrix`` when it is positive definite (to rounding), else None."""
+    try:
+        inverse = np.linalg.inv(matrix)
+        inverse = 0.5 * (inverse + inverse.T)
+        np.linalg.cholesky(inverse)
+    except np.linalg.LinAlgError:
+        return None
+    return inverse
 
 
 def judge(problem: MSLProblem, theta: np.ndarray, gtol: float, n_iter: int, message: str) -> OptimizeResult:
@@ -321,55 +308,6 @@ def judge(problem: MSLProblem, theta: np.ndarray, gtol: float, n_iter: int, mess
     converged = bool(math.isfinite(value) and gnorm < max(gtol, 1e-4))
     return OptimizeResult(theta=theta, loglik=value, converged=converged, n_iter=n_iter, message=message,
                           grad_norm=gnorm, grad=grad)
-
-
-#: Where the simulated likelihood has kinks and no step along the Newton direction gains anything, a Newton
-#: step shorter than 0.05 standard errors (``g'(-H)^-1 g < 2.5e-3``) still counts as the optimum.
-KINK_DECREMENT_TOL = 1.25e-3
-
-
-def polish(problem: MSLProblem, opt: OptimizeResult, max_steps: int = 10) -> tuple[OptimizeResult, np.ndarray]:
-    """Newton steps with the exact Hessian and backtracking after BFGS, until the Newton decrement is below
-    :data:`DECREMENT_TOL`. Returns the (possibly improved) result with its ``converged`` flag decided, and the
-    Hessian at the returned point.
-
-    BFGS usually ends converged and this costs one Hessian (needed for the standard errors anyway). It matters
-    for kinked likelihoods (censored coefficients), where BFGS's line search stalls short of ``gtol``.
-    """
-    theta, value, grad = opt.theta, opt.loglik, opt.grad
-    hess = problem.hessian(theta)
-    message = opt.message
-    if opt.converged:
-        return opt, hess
-    for _ in range(max_steps):
-        dec = newton_decrement(grad, hess)
-        if dec < DECREMENT_TOL:
-            break
-        if not math.isfinite(dec):
-            message = "the Hessian is not negative definite at the last point"
-            break
-        step = np.linalg.solve(-hess, grad)
-        improved = False
-        for t in (1.0, 0.5, 0.25, 0.125, 0.0625):
-            cand = theta + t * step
-            v = problem.loglik(cand)
-            if math.isfinite(v) and v > value:
-                improved = True
-                break
-        if not improved:
-            if dec < KINK_DECREMENT_TOL:
-                message = "optimum at a kink of the simulated likelihood (Newton step < 0.05 standard errors)"
-                return OptimizeResult(theta, value, True, opt.n_iter, message, opt.grad_norm, grad), hess
-            break
-        theta = cand
-        value, grad = problem.value_and_grad(theta)
-        hess = problem.hessian(theta)
-    dec = newton_decrement(grad, hess)
-    gnorm = float(np.max(np.abs(grad)))
-    converged = bool(math.isfinite(value) and (gnorm < 1e-4 or dec < DECREMENT_TOL))
-    if converged:
-        message = "converged (Newton decrement)"
-    return OptimizeResult(theta, value, converged, opt.n_iter, message, gnorm, grad), hess
 
 
 #: A coefficient whose utility range ``|beta| * max|x difference|`` exceeds this, and whose doubling does not lower
