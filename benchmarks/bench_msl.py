@@ -6,8 +6,8 @@ at 500, 1000, 2000 and 10,000 Halton draws, and prints wall times and both log-l
 log-likelihoods must agree to optimizer precision and the ratio (xlogit / mixlogit with library defaults)
 compares the estimators alone. mixlogit runs twice: with the library defaults (its chunks spread over a thread
 per core) and on one thread (``torch.set_num_threads(1)``). Each tool's time covers the whole fit including its
-standard errors (xlogit: BFGS with a BHHH-based covariance; mixlogit: BFGS, then the exact Hessian and robust
-sandwich).
+standard errors (xlogit: BFGS with a BHHH-based covariance; mixlogit: its default optimizer, BFGS refreshed once
+with the exact Hessian, then the exact Hessian and robust sandwich).
 
 ``--busy`` keeps one core spinning in a child process while both tools fit (a shared machine under load).
 ``--scrambled`` adds mixlogit's default scrambled Halton at the same count (its LL differs by simulation noise).
@@ -18,11 +18,15 @@ and everything else (``--autograd`` takes the kernel's gradient by autograd, the
     python benchmarks/bench_msl.py [--draws 500 1000 2000 10000] [--busy] [--repeats 1] [--memory]
     python benchmarks/bench_msl.py --profile 1000 [--autograd] [--repeats 3]
     python benchmarks/bench_msl.py --precision --draws 1000 --repeats 3
+    python benchmarks/bench_msl.py --optimizer --draws 1000 --repeats 5
     python benchmarks/bench_msl.py --device cuda --draws 1000 10000
 
 ``--precision`` fits with ``precision="double"`` and ``"mixed"`` in alternating pairs on one thread and prints
 both times, their ratio, both LLs, the largest change of an estimate in standard errors and the largest relative
 change of a standard error (the issue's bar for making mixed the default: 0.01 SE and 1%, and faster).
+``--optimizer [NAME ...]`` fits with each optimizer of :mod:`mixlogit.optimize` (bfgs among them) on one thread,
+in rounds of alternating order, and prints each one's evaluations (value+gradient, Hessian, scores, value alone),
+median time, median ratio against bfgs, LL and largest relative SE change against bfgs.
 ``--device cuda`` fits on the GPU against xlogit's GPU path (cupy), and says why it skips where either is missing.
 """
 
@@ -144,17 +148,18 @@ def busy_core(enabled: bool):
         child.join()
 
 
-def profile_fit(df, draws: int, repeats: int, autograd: bool):
-    """Median seconds of one fit on one thread, split by MSLProblem method."""
-    import torch
+COUNTED = ["value_and_grad", "hessian", "scores", "loglik"]
 
+
+@contextmanager
+def counted_calls(autograd: bool = False):
+    """Meanwhile every MSLProblem evaluation (:data:`COUNTED`) is timed and those of problems with draws (not the
+    plain-logit fit that makes the start) counted: yields ``{name: [calls, seconds]}``, which the caller may reset
+    between fits. ``autograd``: the kernel's gradient by autograd."""
     from mixlogit import msl
 
-    torch.set_num_threads(1)
-    names = ["value_and_grad", "hessian", "scores", "loglik"]
-    spent = dict.fromkeys(names, 0.0)
-    calls = dict.fromkeys(names, 0)
-    originals = {n: getattr(msl.MSLProblem, n) for n in names}
+    spent = {n: [0, 0.0] for n in COUNTED}
+    originals = {n: getattr(msl.MSLProblem, n) for n in COUNTED}
     post_init = msl.MSLProblem.__post_init__
 
     def timed(name):
@@ -163,35 +168,74 @@ def profile_fit(df, draws: int, repeats: int, autograd: bool):
             try:
                 return originals[name](self, *a, **kw)
             finally:
-                spent[name] += time.perf_counter() - t
-                calls[name] += 1
+                spent[name][0] += self.rule.n_points > 1
+                spent[name][1] += time.perf_counter() - t
         return method
 
     def old_path(self):
         post_init(self)
         self.closed_form_grad = False
 
-    for n in names:
+    for n in COUNTED:
         setattr(msl.MSLProblem, n, timed(n))
     if autograd:
         msl.MSLProblem.__post_init__ = old_path
-    rows = []
     try:
-        for _ in range(repeats):
-            for n in names:
-                spent[n], calls[n] = 0.0, 0
-            total, ll, _ = fit_mixlogit(df, draws)
-            rows.append([total, *(spent[n] for n in names), total - sum(spent.values()), ll])
-            print(f"  total {total:.2f} s, " + ", ".join(f"{n} {spent[n]:.2f} s ({calls[n]})" for n in names)
-                  + f", other {rows[-1][-2]:.2f} s, LL {ll:.8f}", flush=True)
+        yield spent
     finally:
-        for n in names:
+        for n in COUNTED:
             setattr(msl.MSLProblem, n, originals[n])
         msl.MSLProblem.__post_init__ = post_init
+
+
+def profile_fit(df, draws: int, repeats: int, autograd: bool):
+    """Median seconds of one fit on one thread, split by MSLProblem method."""
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    with counted_calls(autograd) as spent:
+        for _ in range(repeats):
+            for n in COUNTED:
+                spent[n] = [0, 0.0]
+            total, ll, _ = fit_mixlogit(df, draws)
+            parts = [spent[n][1] for n in COUNTED]
+            rows.append([total, *parts, total - sum(parts), ll])
+            print(f"  total {total:.2f} s, " + ", ".join(f"{n} {spent[n][1]:.2f} s ({spent[n][0]})" for n in COUNTED)
+                  + f", other {rows[-1][-2]:.2f} s, LL {ll:.8f}", flush=True)
     med = [statistics.median(c) for c in zip(*rows)]
     print(f"median of {repeats} ({'autograd' if autograd else 'closed-form'} kernel gradient, one thread, {draws} "
           f"draws): total {med[0]:.2f} s, value+grad {med[1]:.2f}, hessian {med[2]:.2f}, scores {med[3]:.2f}, "
           f"loglik {med[4]:.2f}, other {med[5]:.2f}")
+
+
+def compare_optimizers(df, draws_list, repeats: int, optimizers):
+    """Each optimizer's whole fit on one thread, in rounds whose order alternates: evaluations, median seconds,
+    the median over rounds of bfgs s / optimizer s, and the optimum's distance from BFGS's (LL, SEs)."""
+    print(f"one torch thread; {repeats} rounds, order alternating; evaluations of the whole fit (value+gradient, "
+          "exact Hessian, per-person scores, value alone); ratio = median over rounds of bfgs s / optimizer s; "
+          "dLL and dSE (largest relative SE change) against bfgs")
+    print(f"{'draws':>6} {'optimizer':>13} {'v+g':>4} {'hess':>4} {'scores':>6} {'value':>5} {'iter':>4} "
+          f"{'median s':>8} {'ratio':>6} {'LL':>14} {'dLL':>9} {'dSE':>8} converged")
+    for draws in draws_list:
+        times = {o: [] for o in optimizers}
+        calls, fits = {}, {}
+        with counted_calls() as spent:
+            for k in range(repeats):
+                for opt in (optimizers if k % 2 == 0 else optimizers[::-1]):
+                    for n in COUNTED:
+                        spent[n] = [0, 0.0]
+                    seconds, _, _, fits[opt] = fit_mixlogit(df, draws, threads=1, full=True, optimizer=opt)
+                    times[opt].append(seconds)
+                    calls[opt] = [spent[n][0] for n in COUNTED]
+        base = fits["bfgs"]
+        for opt in optimizers:
+            res = fits[opt]
+            ratio = statistics.median(b / t for b, t in zip(times["bfgs"], times[opt]))
+            dse = float(np.max(np.abs(res.bse.to_numpy() / base.bse.to_numpy() - 1)))
+            print(f"{draws:>6} {opt:>13} {calls[opt][0]:>4} {calls[opt][1]:>4} {calls[opt][2]:>6} {calls[opt][3]:>5} "
+                  f"{res.n_iter:>4} {statistics.median(times[opt]):>8.2f} {ratio:>6.2f} {res.loglik:>14.8f} "
+                  f"{res.loglik - base.loglik:>9.1e} {dse:>8.1e} {res.converged}", flush=True)
 
 
 def peak_memory_gib(draws: int) -> tuple[float, float, float]:
@@ -218,11 +262,20 @@ def main():
     ap.add_argument("--autograd", action="store_true", help="with --profile: the kernel's gradient by autograd")
     ap.add_argument("--precision", action="store_true", help="only compare precision='double' and 'mixed'")
     ap.add_argument("--device", default="cpu", help="'cuda': fit on the GPU against xlogit's GPU path")
+    ap.add_argument("--optimizer", nargs="*", metavar="NAME", help="only compare optimizers (default: all of "
+                    "mixlogit.optimize.OPTIMIZERS), bfgs always among them")
     args = ap.parse_args()
     df = ml.datasets.load_electricity()
     if args.precision:
         with busy_core(args.busy):
             compare_precision(df, args.draws, args.repeats)
+        return
+    if args.optimizer is not None:
+        from mixlogit.optimize import OPTIMIZERS
+
+        names = ["bfgs"] + [o for o in (args.optimizer or OPTIMIZERS) if o != "bfgs"]
+        with busy_core(args.busy):
+            compare_optimizers(df, args.draws, args.repeats, names)
         return
     if args.device != "cpu":
         compare_device(df, args.device, args.draws, args.repeats)
