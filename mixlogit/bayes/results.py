@@ -295,7 +295,9 @@ class BayesResults(FitResults):
             "sample_stats": {k: v.tolist() for k, v in self.sample_stats.items()},
             "converged": self.converged, "message": self.message, "n_iter": self.n_iter,
             "settings": self.settings, "priors": self.priors, "fit_time": self.fit_time, "n_obs": self.n_obs,
-            "n_units": self.n_units, "trust": None if self.trust is None else self.trust.to_dict(),
+            "n_units": self.n_units,
+            # Only results that have a trust check carry the field: a file written before it reads back unchanged.
+            **({} if self.trust is None else {"trust": self.trust.to_dict()}),
         }
 
     @classmethod
