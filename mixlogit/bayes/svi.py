@@ -9,9 +9,11 @@ less than 0.1 posterior sd. A NaN ELBO stops the run with the best parameters so
 The default guide is ``"marginal"`` (:mod:`mixlogit.bayes.marginal`): a full-rank normal over the population
 parameters alone, every unit's coefficients integrated out by the kernel's simulated likelihood on fixed
 importance points, started at the Laplace approximation of that marginal posterior. On the electricity data (E1)
-its 12 posterior sds are 0.86-1.09x those of NUTS (2 chains x 1,000 draws) and its means within 0.23 NUTS sd, and
-it runs 1.1x faster than MSL at 1,000 draws (one thread, seed 0, ``benchmarks/bench_bayes.py --e1-marginal``;
-seeds 1 and 2: 0.80-1.14x, within 0.46 sd). With ``subsample=`` (minibatches of units, for very large panels)
+its 12 posterior sds are 0.86-1.09x those of NUTS (2 chains x 1,000 draws) and its means within 0.23 NUTS sd
+(seed 0, ``benchmarks/bench_bayes.py --e1-marginal``; seeds 1 and 2: 0.80-1.14x, within 0.46 sd). It is not
+faster than MSL at 1,000 draws: 18.7 s against MSL's 5.3 s with the ``bfgs-hessian`` optimizer (one thread, medians
+of 3 in one process; against MSL's earlier BFGS it was 20.5 s against 22.7 s on a busier machine). About 30% of
+the time is the trust check (200 evaluations of the marginal likelihood), 25% the ELBO steps, 15% the pilot. With ``subsample=`` (minibatches of units, for very large panels)
 the default is ``"fullrank"``, which has a guide per unit.
 
 Every fit without ``subsample`` ends with the trust check (:mod:`mixlogit.bayes.trust`): the Pareto k of p/q over
