@@ -4,7 +4,7 @@ Shows: a variational fit of two normal random coefficients and two fixed ones on
 heterogeneity table (mean, sd, CV, share with the opposite sign, quantiles, 90% credible intervals) and the PNG
 plots (population densities with 90% bands, a forest plot, individual posterior means against the population
 density) in examples-out/bayes/.
-Takes: about 30 s on 2 CPU cores.
+Takes: about 70 s on 2 CPU cores (66 s of CPU time: the marginal guide, its trust check and the plots' posterior draws).
 Prints: the summary, the heterogeneity table, "pf mean -0.9" (about), and the paths of the plots.
 """
 

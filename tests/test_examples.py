@@ -49,8 +49,9 @@ def test_example_msl_electricity(tmp_path):
     assert "individual-level estimates" in out
 
 
+@pytest.mark.slow  # about 70 s on 2 cores: over the 60 s of the examples that run unmarked
 def test_example_bayes_heterogeneity(tmp_path):
-    out = run_example("02_bayes_heterogeneity.py", tmp_path)
+    out = run_example("02_bayes_heterogeneity.py", tmp_path, timeout=480)
     assert number(r"pf mean (-[\d.]+)", out) == pytest.approx(-0.9, abs=0.2)
     for name in ("densities", "forest", "individual"):
         assert (tmp_path / "examples-out" / "bayes" / f"{name}.png").stat().st_size > 10_000
