@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernel import _utility_diff, logit_loglik_and_probs
+from .kernel import _utility_diff, log_logit_chosen, logit_loglik_and_probs
 
 
 def logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, *, avail: torch.Tensor | None = None,
@@ -47,10 +47,9 @@ def _binary_logit_derivatives(x_diff: torch.Tensor, beta: torch.Tensor, situatio
     """:func:`logit_derivatives` of a binary choice (one non-chosen alternative, x_diff (N, T, K)) in elementwise
     form: with ``p = sigmoid(v)`` the other alternative's probability, the gradient is ``-sum_t p x`` and the
     Hessian ``-sum_t p (1 - p) x x'``, where the general form's per-situation products are (T x 1) matrices."""
-    v = _utility_diff(x_diff.unsqueeze(2), beta)[:, :, 0]  # (N, T, R)
-    threshold = 40.0 if v.dtype == torch.float64 else 20.0  # as log_logit_chosen: no identity switch at 20
-    ll = -torch.nn.functional.softplus(v, threshold=threshold)
-    p = torch.sigmoid(v)
+    v = _utility_diff(x_diff.unsqueeze(2), beta)  # (N, T, 1, R)
+    ll = log_logit_chosen(v)  # the kernel's binary log-probability, (N, T, R)
+    p = torch.sigmoid(v[:, :, 0])
     if situation_mask is not None:
         m = situation_mask.unsqueeze(-1).to(v.dtype)
         ll, p = ll * m, p * m
